@@ -1,0 +1,17 @@
+"""fxcompress: compress trained PyTorch networks by rewriting their torch.fx graphs.
+
+A YAML recipe lists passes; `compress` traces a model, validates the recipe against it, and runs them.
+"""
+from .errors import DataError, FxCompressError, RecipeError, TraceError, VerificationError
+from .registry import PassConfig, TargetedConfig, available_passes, register_pass
+from .context import PassContext, register_analysis
+from .trace import trace
+from .recipe import Recipe, load_recipe
+from .export import export_onnx
+from .api import CompressionResult, compress, load, save
+
+__version__ = "0.1.0"
+
+__all__ = ["CompressionResult", "DataError", "FxCompressError", "PassConfig", "PassContext", "Recipe",
+           "RecipeError", "TargetedConfig", "TraceError", "VerificationError", "available_passes", "compress",
+           "export_onnx", "load", "load_recipe", "register_analysis", "register_pass", "save", "trace"]

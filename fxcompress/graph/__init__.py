@@ -1,0 +1,1 @@
+"""Analyses over a GraphModule: pure functions, cached by the pass context."""

@@ -1,0 +1,1 @@
+"""Learning-compression (LC) algorithm and its C steps (seed 002)."""

@@ -1,0 +1,1 @@
+"""Numerical kernels on tensors only: no torch.fx, no nn.Module."""

@@ -1,0 +1,1 @@
+"""Shipped recipes, installed as package data of `fxcompress.recipes`."""

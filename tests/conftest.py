@@ -1,0 +1,37 @@
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+class ConvBN1d(nn.Module):
+    """Conv1d + BatchNorm1d and Linear + BatchNorm1d, the 1-D cases of fold_batchnorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8 * 16, 20)
+        self.bn2 = nn.BatchNorm1d(20)
+        self.out = nn.Linear(20, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.out(torch.relu(self.bn2(self.fc(x.flatten(1)))))
+
+
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics so folding it is a real test."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()

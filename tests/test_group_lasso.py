@@ -1,0 +1,394 @@
+"""Tests of fxcompress.solvers.group_lasso (Gram-form group-lasso reconstruction, seeds 003/000)."""
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fxcompress.solvers.group_lasso import (
+    GroupLassoResult,
+    debias,
+    group_lasso,
+    group_norms,
+    lambda_max,
+    prox_group_l21,
+    search_lambda,
+    support_columns,
+)
+
+SOLVERS = ["newton", "bcd", "fista", "pgd", "altmin"]
+
+
+def samples(n=300, d=24, h=10, seed=0, bias=False, noise=0.3, shared=0.5):
+    """Raw samples: correlated inputs (a shared factor), Y = X W^T + noise."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    X = X + shared * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    if bias:
+        X = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1)
+    W = torch.randn(h, X.shape[1], generator=g, dtype=torch.float64)
+    Y = X @ W.T + noise * torch.randn(n, h, generator=g, dtype=torch.float64)
+    return X, Y
+
+
+def gram(X, Y):
+    n = X.shape[0]
+    return X.T @ X / n, Y.T @ X / n, float((Y * Y).sum() / n)
+
+
+def objective(M, X, Y, lam, groups):
+    """F(M) = 1/(2n) ||Y - X M^T||^2 + lam sum_g ||M_g||, straight from the samples."""
+    return float(((Y - X @ M.T) ** 2).sum() / (2 * X.shape[0]) + lam * group_norms(M, groups).sum())
+
+
+@pytest.fixture(scope="module")
+def grouped_problem():
+    X, Y = samples(d=24, bias=True, seed=1)
+    groups = torch.cat([torch.arange(24) // 3, torch.tensor([-1])])
+    return X, Y, groups
+
+
+# ---------------------------------------------------------------------------------------------
+# prox and norms
+
+
+def test_prox_matches_closed_form_block_soft_threshold():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    groups = torch.tensor([0, 0, 1, 1, 1, 2, -1])
+    t = 1.3
+    out = prox_group_l21(M, groups, t)
+    for gid, cols in ((0, [0, 1]), (1, [2, 3, 4]), (2, [5])):
+        block = M[:, cols]
+        norm = float(block.norm())
+        expected = block * max(0.0, 1 - t / norm)
+        torch.testing.assert_close(out[:, cols], expected)
+    torch.testing.assert_close(out[:, 6], M[:, 6])  # unpenalised column untouched
+
+
+def test_prox_is_the_argmin_of_its_objective():
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    t = 0.8
+    P = prox_group_l21(M, groups, t)
+
+    def phi(U):
+        return float(t * group_norms(U, groups).sum() + 0.5 * ((U - M) ** 2).sum())
+
+    best = phi(P)
+    for _ in range(200):
+        assert phi(P + 1e-3 * torch.randn(4, 6, generator=g, dtype=torch.float64)) >= best - 1e-12
+
+
+def test_prox_zeroes_small_groups_and_zero_threshold_is_identity():
+    M = torch.tensor([[0.3, 0.4, 3.0], [0.0, 0.0, 4.0]], dtype=torch.float64)  # norms 0.5, 0.4, 5
+    out = prox_group_l21(M, None, 0.5)
+    assert torch.all(out[:, :2] == 0)
+    torch.testing.assert_close(out[:, 2], M[:, 2] * 0.9)
+    torch.testing.assert_close(prox_group_l21(M, None, 0.0), M)
+
+
+def test_group_norms_ignore_unpenalised_columns():
+    M = torch.tensor([[3.0, 4.0, 100.0, 1.0]])
+    norms = group_norms(M, torch.tensor([0, 0, -1, 2]))
+    torch.testing.assert_close(norms, torch.tensor([5.0, 0.0, 1.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# solvers reach the same optimum
+
+
+@pytest.mark.parametrize("seed,grouped,fraction", [(0, False, 0.3), (1, True, 0.6)])
+def test_all_solvers_reach_the_same_optimum(seed, grouped, fraction, grouped_problem):
+    if grouped:
+        X, Y, groups = grouped_problem
+    else:
+        X, Y = samples(seed=seed)
+        groups = None
+    R, B, ryy = gram(X, Y)
+    lam = fraction * lambda_max(R, B, groups)
+    results = {s: group_lasso(R, B, lam, groups, ryy=ryy, solver=s, tol=1e-11) for s in SOLVERS}
+    results["fista+altmin"] = group_lasso(
+        R, B, lam, groups, ryy=ryy, solver="fista", warm_start="altmin", tol=1e-11
+    )
+    reference = results["newton"].objective
+    assert 0 < results["newton"].support.sum() < results["newton"].support.numel()
+    for name, res in results.items():
+        assert res.converged, name
+        assert abs(res.objective - reference) <= 1e-8 * reference, name
+        # the reported objective is F(M) computed from the raw samples
+        assert abs(objective(res.M, X, Y, lam, groups) - res.objective) <= 1e-9 * reference, name
+    for name in ("bcd", "fista", "pgd"):  # exact-zero solvers find the same support
+        assert torch.equal(results[name].support, results["newton"].support), name
+        torch.testing.assert_close(results[name].M, results["newton"].M, atol=1e-4, rtol=0)
+
+
+def test_auto_is_newton_and_reaches_tolerance():
+    X, Y = samples(seed=2)
+    R, B, _ = gram(X, Y)
+    res = group_lasso(R, B, 0.2 * lambda_max(R, B))
+    assert isinstance(res, GroupLassoResult)
+    assert res.solver == "newton" and res.converged and res.rel_gap <= 1e-6
+
+
+def test_duality_gap_bounds_the_suboptimality():
+    X, Y = samples(d=24, bias=True, seed=3)
+    R, B, ryy = gram(X, Y)
+    lam = 0.2 * lambda_max(R, B)
+    best = group_lasso(R, B, lam, ryy=ryy, tol=1e-14).objective
+    for solver, iters in (("fista", 10), ("pgd", 3), ("bcd", 1), ("altmin", 4)):
+        res = group_lasso(R, B, lam, ryy=ryy, solver=solver, max_iter=iters, tol=1e-14)
+        assert not res.converged
+        assert res.objective - best <= res.gap * (1 + 1e-9) + 1e-12, solver
+        assert res.gap > 0
+    # without ryy the objective is shifted by a constant, the gap still bounds F - F*
+    res = group_lasso(R, B, lam, solver="fista", max_iter=10, tol=1e-14)
+    best_shifted = group_lasso(R, B, lam, tol=1e-14).objective
+    assert res.objective - best_shifted <= res.gap * (1 + 1e-9) + 1e-12
+
+
+def test_newton_converges_along_the_path_on_correlated_groups():
+    # regression: strongly correlated inputs in groups of 4, from far above to far below the
+    # support-size range, cold and warm-started from a denser solution (groups must leave)
+    X, Y = samples(n=300, d=120, h=20, seed=14, shared=2.0)
+    R, B, _ = gram(X, Y)
+    groups = torch.arange(120) // 4
+    lmax = lambda_max(R, B, groups)
+    dense = group_lasso(R, B, 0.02 * lmax, groups, tol=1e-10)
+    for fraction in (0.9, 0.5, 0.2, 0.05):
+        cold = group_lasso(R, B, fraction * lmax, groups, tol=1e-10)
+        warm = group_lasso(R, B, fraction * lmax, groups, M0=dense.M, tol=1e-10)
+        assert cold.converged and warm.converged and cold.iterations <= 30, fraction
+        assert abs(cold.objective - warm.objective) <= 1e-9 * cold.objective
+        assert torch.equal(cold.support, warm.support)
+
+
+def test_max_time_stops_a_slow_solver():
+    X, Y = samples(n=300, d=120, h=20, seed=14, shared=2.0)
+    R, B, _ = gram(X, Y)
+    start = time.perf_counter()
+    res = group_lasso(R, B, 0.05 * lambda_max(R, B), solver="pgd", tol=1e-14, max_time=0.2)
+    assert time.perf_counter() - start < 2.0
+    assert not res.converged and res.gap > 0
+
+
+def test_lam_zero_gives_w_when_rxx_full_rank():
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(500, 12, generator=g, dtype=torch.float64)
+    W = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    R = X.T @ X / 500
+    for solver in ("auto", "fista"):
+        res = group_lasso(R, W @ R, 0.0, solver=solver)
+        torch.testing.assert_close(res.M, W, atol=1e-10, rtol=0)
+        assert res.support.all()
+
+
+def test_lambda_max_is_the_zero_threshold(grouped_problem):
+    X, Y, groups = grouped_problem
+    R, B, _ = gram(X, Y)
+    lmax = lambda_max(R, B, groups)
+    for solver in ("newton", "bcd", "fista"):
+        at = group_lasso(R, B, lmax, groups, solver=solver)
+        assert not at.support.any(), solver
+        assert torch.all(at.M[:, :-1] == 0)
+        below = group_lasso(R, B, 0.999 * lmax, groups, solver=solver, tol=1e-9)
+        assert below.support.sum() >= 1, solver
+
+
+def test_unpenalised_column_is_never_zeroed(grouped_problem):
+    X, Y, groups = grouped_problem
+    R, B, ryy = gram(X, Y)
+    lmax = lambda_max(R, B, groups)
+    for solver in SOLVERS:
+        res = group_lasso(R, B, 2 * lmax, groups, solver=solver)
+        assert not res.support.any()
+        torch.testing.assert_close(res.M[:, -1], Y.mean(0))  # the best constant: the mean output
+        mid = group_lasso(R, B, 0.6 * lmax, groups, solver=solver, tol=1e-8)
+        assert torch.all(mid.M[:, -1] != 0)
+
+
+def test_dead_inputs_and_singular_statistics():
+    g = torch.Generator().manual_seed(5)
+    X = torch.relu(torch.randn(30, 40, generator=g, dtype=torch.float64))  # n < d: singular
+    X[:, 7] = 0.0  # a dead unit
+    W = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    R = X.T @ X / 30
+    res = group_lasso(R, W @ R, 0.05 * lambda_max(R, W @ R), tol=1e-9)
+    assert res.converged
+    assert torch.all(res.M[:, 7] == 0) and not res.support[7]
+    fista = group_lasso(R, W @ R, 0.05 * lambda_max(R, W @ R), solver="fista", tol=1e-9)
+    assert abs(fista.objective - res.objective) <= 1e-7 * res.objective
+
+
+def test_float32_inputs_and_progress_callback():
+    X, Y = samples(seed=6)
+    R, B, _ = gram(X, Y)
+    lam = 0.25 * lambda_max(R, B)
+    seen = []
+    res64 = group_lasso(R, B, lam, progress=seen.append)
+    res32 = group_lasso(R.float(), B.float(), lam)
+    assert res32.M.dtype == torch.float32 and res64.M.dtype == torch.float64
+    torch.testing.assert_close(res32.M.double(), res64.M, atol=1e-4, rtol=1e-4)
+    assert seen and set(seen[0]) == {"solver", "iteration", "objective", "gap", "rel_gap", "support"}
+    assert seen[-1]["rel_gap"] <= 1e-6 and seen[-1]["iteration"] == res64.iterations
+
+
+def test_warm_start_m0_converges_faster():
+    X, Y = samples(seed=7, d=30)
+    R, B, _ = gram(X, Y)
+    lam = 0.2 * lambda_max(R, B)
+    near = group_lasso(R, B, 1.05 * lam)
+    cold = group_lasso(R, B, lam, solver="pgd")
+    warm = group_lasso(R, B, lam, solver="pgd", M0=near.M)
+    assert warm.converged and warm.iterations < cold.iterations
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    X, Y = samples(seed=8)
+    R, B, _ = gram(X, Y)
+    lam = 0.3 * lambda_max(R, B)
+    cpu = group_lasso(R, B, lam)
+    gpu = group_lasso(R.cuda().float(), B.cuda().float(), lam)
+    assert gpu.M.device.type == "cuda" and gpu.M.dtype == torch.float32
+    torch.testing.assert_close(gpu.M.cpu().double(), cpu.M, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# comparison with scikit-learn
+
+
+def test_objective_matches_sklearn_multitask_lasso():
+    sklearn_linear = pytest.importorskip("sklearn.linear_model")
+    X, Y = samples(n=200, d=15, h=6, seed=9)
+    R, B, ryy = gram(X, Y)
+    lam = 0.2 * lambda_max(R, B)
+    # sklearn: (1/(2n)) ||Y - X C^T||_F^2 + alpha sum_j ||C[:, j]||_2, i.e. exactly F with
+    # Rxx = X^T X / n, Ryx = Y^T X / n, ryy = ||Y||^2 / n and alpha = lam (no intercept).
+    sk = sklearn_linear.MultiTaskLasso(alpha=lam, fit_intercept=False, tol=1e-12, max_iter=100000)
+    sk.fit(X.numpy(), Y.numpy())
+    sk_M = torch.from_numpy(sk.coef_)
+    ours = group_lasso(R, B, lam, ryy=ryy, tol=1e-12)
+    sk_obj = objective(sk_M, X, Y, lam, None)
+    assert ours.objective <= sk_obj * (1 + 1e-10)
+    assert abs(ours.objective - sk_obj) <= 1e-8 * sk_obj
+    torch.testing.assert_close(ours.M, sk_M, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# debias
+
+
+def test_debias_equals_least_squares_on_the_support():
+    X, Y = samples(n=150, d=12, h=5, seed=10)
+    R, B, _ = gram(X, Y)
+    keep = torch.tensor([True, False, True, True, False, False, True, False, True, True, False, True])
+    M = debias(R, B, keep)
+    coef, *_ = np.linalg.lstsq(X[:, keep].numpy(), Y.numpy(), rcond=None)
+    torch.testing.assert_close(M[:, keep], torch.from_numpy(coef.T), atol=1e-10, rtol=0)
+    assert torch.all(M[:, ~keep] == 0)
+    torch.testing.assert_close(debias(R, B, torch.nonzero(keep).flatten()), M)
+
+
+def test_debias_singular_support_gives_min_norm_solution():
+    X, Y = samples(n=100, d=6, h=3, seed=11)
+    X = torch.cat([X, X[:, :1]], 1)  # column 6 duplicates column 0
+    R, B, _ = gram(X, Y)
+    M = debias(R, B, torch.ones(7, dtype=torch.bool))
+    coef = np.linalg.pinv(X.numpy()) @ Y.numpy()
+    torch.testing.assert_close(M, torch.from_numpy(coef.T), atol=1e-8, rtol=0)
+
+
+def test_support_columns_feeds_debias(grouped_problem):
+    X, Y, groups = grouped_problem
+    R, B, _ = gram(X, Y)
+    res = group_lasso(R, B, 0.7 * lambda_max(R, B, groups), groups)
+    assert 0 < res.support.sum() < 8
+    cols = support_columns(res.support, groups)
+    assert cols[-1] and cols.sum() == 3 * res.support.sum() + 1
+    refit = debias(R, B, cols)
+    assert torch.equal(group_norms(refit, groups) > 0, res.support)
+
+
+# ---------------------------------------------------------------------------------------------
+# lambda search
+
+
+@pytest.mark.parametrize("keep", [0, 1, 4, 9, 15, 23, 24])
+def test_search_lambda_hits_the_keep_count_exactly(keep):
+    X, Y = samples(d=24, seed=12)
+    R, B, _ = gram(X, Y)
+    res = search_lambda(R, B, keep)
+    assert int(res.support.sum()) == keep
+    assert int((group_norms(res.M) > 0).sum()) == keep
+    assert not res.tie_broken and res.converged
+
+
+def test_search_lambda_with_groups_and_other_solver(grouped_problem):
+    X, Y, groups = grouped_problem
+    R, B, _ = gram(X, Y)
+    for keep in (2, 5):
+        res = search_lambda(R, B, keep, groups, solver="fista", tol=1e-8)
+        assert int(res.support.sum()) == keep and res.solver == "fista"
+        torch.testing.assert_close(group_lasso(R, B, res.lam, groups).M, res.M, atol=1e-4, rtol=0)
+
+
+def test_search_lambda_breaks_ties_by_norm():
+    # Orthogonal design: M_g = B_g (1 - lam / ||B_g||)_+, unique; columns 1 and 2 have equal norms
+    # so they vanish at the same lam and keep=2 is reachable only by breaking the tie.
+    R = torch.eye(4, dtype=torch.float64)
+    B = torch.tensor([[3.0, 2.0, 0.0, 0.5], [0.0, 0.0, 2.0, 0.0]], dtype=torch.float64)
+    res = search_lambda(R, B, 2)
+    assert res.tie_broken
+    assert int(res.support.sum()) == 2 and int((group_norms(res.M) > 0).sum()) == 2
+    assert res.support[0] and not res.support[3]
+    exact = search_lambda(R, B, 3)
+    assert not exact.tie_broken and torch.equal(exact.support, torch.tensor([True, True, True, False]))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs
+
+
+def test_bad_inputs_raise_clear_errors():
+    R = torch.eye(4, dtype=torch.float64)
+    B = torch.ones(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="Ryx must have shape"):
+        group_lasso(R, torch.ones(3, 5), 0.1)
+    with pytest.raises(ValueError, match="square"):
+        group_lasso(torch.ones(4, 3), B, 0.1)
+    with pytest.raises(ValueError, match="lam must be"):
+        group_lasso(R, B, -1.0)
+    with pytest.raises(ValueError, match="lam must be"):
+        group_lasso(R, B, float("nan"))
+    with pytest.raises(ValueError, match="unknown solver 'lbfgs'"):
+        group_lasso(R, B, 0.1, solver="lbfgs")
+    with pytest.raises(ValueError, match="finite"):
+        group_lasso(R * float("nan"), B, 0.1)
+    with pytest.raises(ValueError, match="groups must be"):
+        group_lasso(R, B, 0.1, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=">= 0, or -1"):
+        group_lasso(R, B, 0.1, torch.tensor([0, 1, 2, -3]))
+    with pytest.raises(ValueError, match="M0 must"):
+        group_lasso(R, B, 0.1, M0=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="warm_start"):
+        group_lasso(R, B, 0.1, warm_start="lasso")
+    with pytest.raises(ValueError, match="ryy"):
+        group_lasso(R, B, 0.1, ryy=-2.0)
+    with pytest.raises(ValueError, match="tol"):
+        group_lasso(R, B, 0.1, tol=0)
+    with pytest.raises(ValueError, match="max_time"):
+        group_lasso(R, B, 0.1, max_time=0)
+    with pytest.raises(ValueError, match="keep must be"):
+        search_lambda(R, B, 5)
+    with pytest.raises(ValueError, match="unknown option"):
+        search_lambda(R, B, 2, step=3)
+    with pytest.raises(ValueError, match="threshold"):
+        prox_group_l21(B, None, -0.5)
+    with pytest.raises(ValueError, match="keep_columns"):
+        debias(R, B, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="Ryx must have shape"):
+        lambda_max(R, torch.ones(4))
+    assert math.isclose(lambda_max(R, B), math.sqrt(3))
