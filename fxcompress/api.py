@@ -1,6 +1,7 @@
 """The Python API: compress(), save(), load(); validation of a whole plan before any work starts."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -95,6 +96,7 @@ def compress(model: nn.Module, recipe, example_inputs: tuple | None = None, *, c
                       verify=recipe.verify if verify is None else verify, output_dir=output_dir, **streams)
     ctx.report.model = recipe.model or type(model).__name__
     ctx.report.layers_before = _layer_table(gm, ctx)
+    ctx.original = copy.deepcopy(gm)
     measure = is_labelled(ctx.eval)
     if measure:
         ctx.report.metrics["accuracy_before"] = round(accuracy(gm, ctx.eval), 4)

@@ -40,15 +40,29 @@ def cmd_run(args) -> int:
     try:
         result = compress(model, recipe, seed=args.seed, progress=not args.quiet, output_dir=tmp,
                           verify=True if args.verify else None)
-        save(result, tmp)
         if not (tmp / "model.onnx").exists():
             export_onnx(result.model, result.example_inputs, tmp / "model.onnx", seed=result.recipe.seed)
+        if args.latency:
+            _measure_latency(result, model, tmp / "model.onnx")
+        save(result, tmp)
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(result.report.summary())
     print(f"\nwrote {out}/: model.pt, model.onnx, report.json, report.md, recipe.yaml")
     return 0
+
+
+def _measure_latency(result, model, onnx_path) -> None:
+    """`run --latency`: onnxruntime latency of the original and the compressed model, into the report."""
+    from .export import compare_latency
+    from .trace import trace
+    rows = compare_latency(trace(model, result.recipe.leaf_modules), onnx_path, result.example_inputs,
+                           seed=result.recipe.seed)
+    totals = result.report.totals()
+    for row in rows:
+        row["macs_ratio"] = round(totals["macs_before"] / totals["macs_after"], 3) if totals["macs_after"] else None
+    result.report.metrics["onnx_latency"] = rows
 
 
 def cmd_validate(args) -> int:
@@ -128,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="random seed (default: the recipe's)")
     run.add_argument("--verify", action="store_true", help="check every exact pass preserves outputs in float64")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--latency", action="store_true",
+                     help="time the original and compressed ONNX models in onnxruntime (batch 1 and 32)")
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check a recipe (and its targets against the model)")

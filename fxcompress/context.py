@@ -91,6 +91,7 @@ class PassContext:
         self.output_dir = output_dir
         self.report = Report()
         self.state: dict[str, Any] = {}
+        self.original: fx.GraphModule | None = None
         self.current: PassRecord | None = None
         self._cache: dict[str, Any] = {}
         self._cache_key: tuple | None = None

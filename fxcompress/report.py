@@ -73,7 +73,9 @@ class Report:
         lines = [f"fxcompress report for {self.model}", "", "passes:", _text_table(self._PASS_HEAD, self._pass_rows()),
                  "", "layers:", _text_table(self._LAYER_HEAD, self._layer_rows()), "",
                  _totals_line(t)]
-        lines += [f"{k}: {v}" for k, v in self.metrics.items()]
+        for key, value in self.metrics.items():
+            lines += ["", f"{key}:", _text_table(list(value[0]), [list(r.values()) for r in value])] \
+                if _is_table(value) else [f"{key}: {value}"]
         notes = [f"  [{p.name}] {n}" for p in self.passes for n in p.notes]
         if notes:
             lines += ["", "notes:", *notes]
@@ -83,11 +85,17 @@ class Report:
         t = self.totals()
         parts = [f"# fxcompress report: {self.model}", "", "## Passes", "", _md_table(self._PASS_HEAD, self._pass_rows()),
                  "", "## Layers", "", _md_table(self._LAYER_HEAD, self._layer_rows()), "", _totals_line(t)]
-        parts += [f"- {k}: {v}" for k, v in self.metrics.items()]
+        for key, value in self.metrics.items():
+            parts += ["", f"**{key}**", "", _md_table(list(value[0]), [list(r.values()) for r in value]), ""] \
+                if _is_table(value) else [f"- {key}: {value}"]
         notes = [f"- **{p.name}**: {n}" for p in self.passes for n in p.notes]
         if notes:
             parts += ["", "## Notes", "", *notes]
         return "\n".join(parts) + "\n"
+
+
+def _is_table(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
 
 
 def _ratio(before: int, after: int) -> str:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from fxcompress import PassConfig, register_pass
-from fxcompress.export import export_onnx as export
+from fxcompress import FxCompressError, PassConfig, register_pass
+from fxcompress.export import compare_latency, export_onnx as export
 
 
 class ExportOnnxConfig(PassConfig):
@@ -16,6 +16,9 @@ class ExportOnnxConfig(PassConfig):
     rtol: float = Field(1e-3, ge=0)
     atol: float = Field(1e-4, ge=0)
     opset: int | None = None
+    latency: bool = Field(False, description="also time the original and the exported model in onnxruntime")
+    latency_batches: list[int] = Field([1, 32], min_length=1, description="batch sizes timed")
+    latency_repeats: int = Field(20, ge=1, description="timed runs per batch size (the median is reported)")
 
 
 @register_pass("export_onnx", config=ExportOnnxConfig, exact=True)
@@ -29,4 +32,22 @@ def export_onnx(gm, ctx, config):
     ctx.state.setdefault("onnx_paths", []).append(result.path)
     error = "" if result.max_abs_error is None else f", onnxruntime max |error| {result.max_abs_error:.3g}"
     ctx.note(f"wrote {config.path} ({result.size_bytes:,} bytes{error})")
+    if config.latency:
+        record_latency(gm, ctx, result.path, config.latency_batches, config.latency_repeats)
     return gm
+
+
+def record_latency(gm, ctx, onnx_path, batches, repeats) -> None:
+    """Put onnxruntime latency of the original vs the exported model, beside the MACs ratio, in the report."""
+    if ctx.original is None:
+        raise FxCompressError("latency needs the original model: run the pass through fxcompress.compress")
+    rows = compare_latency(ctx.original, onnx_path, ctx.example_inputs, batches=tuple(batches),
+                           repeats=repeats, seed=ctx.seed)
+    macs_before = sum(row["macs"] for row in ctx.report.layers_before)
+    macs_after = sum(c.macs for c in ctx.analysis("cost", gm))
+    macs_ratio = round(macs_before / macs_after, 3) if macs_after else None
+    for row in rows:
+        row["macs_ratio"] = macs_ratio
+        ctx.note(f"onnxruntime latency at batch {row['batch']}: original {row['original_ms']:.3f} ms, "
+                 f"compressed {row['compressed_ms']:.3f} ms (speedup x{row['speedup']}, MACs ratio x{macs_ratio})")
+    ctx.report.metrics["onnx_latency"] = rows

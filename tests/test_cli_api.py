@@ -11,6 +11,7 @@ from fxcompress import PassConfig, VerificationError, register_pass
 from fxcompress.cli import main
 from fxcompress.data import load_source, mnist_arrays
 from fxcompress.export import check_parity, export_onnx
+from fxcompress.models import build_model
 from fxcompress.recipe import DataSource
 
 RECIPE = """\
@@ -91,7 +92,7 @@ def test_compress_never_mutates_the_model_and_reports_deviation():
     x = torch.randn(2, 4)
     result = fxcompress.compress(model, {"fxcompress": 1, "passes": ["test_zero_weights"]}, (x,), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert result.report.passes[0].max_deviation == pytest.approx(float(model(x).abs().max()), rel=1e-6)
+    assert result.report.passes[0].max_deviation == pytest.approx(float(model(x).detach().abs().max()), rel=1e-6)
 
 
 def test_failed_export_leaves_no_file(tmp_path):
@@ -128,3 +129,20 @@ def test_data_sources(tmp_path):
     assert [b.shape[0] for b in synthetic] == [4, 4, 2]
     again = load_source(DataSource(source="synthetic", samples=10, batch_size=4), [1, 3, 8, 8], seed=3)
     assert torch.equal(synthetic[0], again[0])
+
+
+def test_latency_of_original_and_compressed_goes_in_the_report(tmp_path, capsys):
+    recipe = RECIPE.replace("{path: exported.onnx}", "{path: exported.onnx, latency: true, latency_batches: [1, 8],"
+                                                      " latency_repeats: 3}")
+    result = fxcompress.compress(build_model("lenet300", [1, 64]), recipe, progress=False,
+                                 output_dir=tmp_path)
+    rows = result.report.metrics["onnx_latency"]
+    assert [r["batch"] for r in rows] == [1, 8]
+    assert all(r["original_ms"] > 0 and r["compressed_ms"] > 0 and r["macs_ratio"] == 1.0 for r in rows)
+    assert any("speedup" in note for note in result.report.passes[-1].notes)
+    file = tmp_path / "r.yaml"
+    file.write_text(RECIPE)
+    assert main(["run", str(file), "--out", str(tmp_path / "out"), "--quiet", "--latency"]) == 0
+    assert "onnx_latency" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["batch"] for r in saved["metrics"]["onnx_latency"]] == [1, 32]
