@@ -8,6 +8,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Small tensors on a shared 2-core machine: one intra-op thread avoids contention slowdowns.
+
+    Use it in a module with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class ConvBN1d(nn.Module):
     """Conv1d + BatchNorm1d and Linear + BatchNorm1d, the 1-D cases of fold_batchnorm."""
 

@@ -20,13 +20,7 @@ from fxcompress.lc.csteps import (CStep, available_csteps, csr_bits, kmeans1d_ex
 from fxcompress.lc.modules import CodebookConv2d, CodebookLinear, from_module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core machine: one intra-op thread avoids contention slowdowns."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sqerr(a, b):

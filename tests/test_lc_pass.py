@@ -19,13 +19,7 @@ from fxcompress.recipe import DataSource
 from fxcompress.training import accuracy, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core machine: one intra-op thread avoids contention slowdowns."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

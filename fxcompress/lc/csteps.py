@@ -512,44 +512,44 @@ class L1Pruning(_DenseStep):
         return {"weights": _split(project_l1_ball(_flat(weights), self.radius), weights)}
 
 
+class _PenaltyPruning(_DenseStep):
+    """min_theta alpha * penalty(theta) + mu/2 ||w - theta||^2, separable: `shrink` solves it per weight."""
+
+    penalty_form = True
+
+    def __init__(self, *, alpha: float, value_bits: int = FLOAT_BITS):
+        super().__init__(value_bits)
+        _check_positive("alpha", alpha, allow_zero=True)
+        self.alpha = float(alpha)
+
+    def shrink(self, flat: Tensor, mu: float) -> Tensor:
+        raise NotImplementedError
+
+    def compress(self, weights: list[Tensor], mu: float) -> dict:
+        _check_positive("mu", mu)
+        return {"weights": _split(self.shrink(_flat(weights), mu), weights)}
+
+
 @register_cstep("prune_l0_penalty")
-class L0PenaltyPruning(_DenseStep):
+class L0PenaltyPruning(_PenaltyPruning):
     """l0-penalty pruning: min_theta alpha ||theta||_0 + mu/2 ||w - theta||^2 (seed 002 section 3.3).
 
     Separable; the exact solution keeps w_i iff w_i^2 > 2 alpha / mu (hard thresholding).
     """
 
-    penalty_form = True
-
-    def __init__(self, *, alpha: float, value_bits: int = FLOAT_BITS):
-        super().__init__(value_bits)
-        _check_positive("alpha", alpha, allow_zero=True)
-        self.alpha = float(alpha)
-
-    def compress(self, weights: list[Tensor], mu: float) -> dict:
-        _check_positive("mu", mu)
-        flat = _flat(weights)
-        return {"weights": _split(torch.where(flat ** 2 > 2 * self.alpha / mu, flat, 0.0), weights)}
+    def shrink(self, flat: Tensor, mu: float) -> Tensor:
+        return torch.where(flat ** 2 > 2 * self.alpha / mu, flat, 0.0)
 
 
 @register_cstep("prune_l1_penalty")
-class L1PenaltyPruning(_DenseStep):
+class L1PenaltyPruning(_PenaltyPruning):
     """l1-penalty pruning: min_theta alpha ||theta||_1 + mu/2 ||w - theta||^2 (seed 002 section 3.3).
 
     Separable; the exact solution is soft thresholding at alpha / mu.
     """
 
-    penalty_form = True
-
-    def __init__(self, *, alpha: float, value_bits: int = FLOAT_BITS):
-        super().__init__(value_bits)
-        _check_positive("alpha", alpha, allow_zero=True)
-        self.alpha = float(alpha)
-
-    def compress(self, weights: list[Tensor], mu: float) -> dict:
-        _check_positive("mu", mu)
-        flat = _flat(weights)
-        return {"weights": _split(flat.sign() * (flat.abs() - self.alpha / mu).clamp(min=0), weights)}
+    def shrink(self, flat: Tensor, mu: float) -> Tensor:
+        return flat.sign() * (flat.abs() - self.alpha / mu).clamp(min=0)
 
 
 # ----------------------------------------------------------------------------- low rank
