@@ -74,11 +74,12 @@ def _layer_table(gm, ctx) -> list[dict]:
 
 def compress(model: nn.Module, recipe, example_inputs: tuple | None = None, *, calibration=None, train=None,
              eval=None, seed: int | None = None, verify: bool | None = None, progress: bool = True,
-             device=None, output_dir=None) -> CompressionResult:
+             device=None, output_dir=None, checkpoint_dir=None, resume: bool = False) -> CompressionResult:
     """Trace `model`, validate the whole recipe against it, then run the passes.
 
     `calibration`, `train` and `eval` are iterables of batches (a tensor, or `(inputs, target)`) that
-    override the recipe's `data` section. The user's model is never mutated.
+    override the recipe's `data` section. The user's model is never mutated. Long passes (`lc`) checkpoint
+    into `checkpoint_dir`; with `resume` they continue from the checkpoints found there.
     """
     recipe = load_recipe(recipe)
     seed = recipe.seed if seed is None else seed
@@ -93,7 +94,8 @@ def compress(model: nn.Module, recipe, example_inputs: tuple | None = None, *, c
         streams[name] = given if given is not None else (
             load_source(spec, recipe.input_shape, seed) if spec is not None else None)
     ctx = PassContext(example_inputs=example_inputs, seed=seed, device=device, progress=progress,
-                      verify=recipe.verify if verify is None else verify, output_dir=output_dir, **streams)
+                      verify=recipe.verify if verify is None else verify, output_dir=output_dir,
+                      checkpoint_dir=checkpoint_dir, resume=resume, **streams)
     ctx.report.model = recipe.model or type(model).__name__
     ctx.report.layers_before = _layer_table(gm, ctx)
     ctx.original = copy.deepcopy(gm)

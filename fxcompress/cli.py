@@ -36,10 +36,14 @@ def cmd_run(args) -> int:
     model = _model_for(recipe, args.model, args.weights)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoints = out.parent / f".{out.name}.checkpoints"
+    if args.resume and not checkpoints.is_dir():
+        raise FxCompressError(f"nothing to resume: no checkpoints at {checkpoints} (they are kept when a run "
+                              f"with the same --out stops before its end)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         result = compress(model, recipe, seed=args.seed, progress=not args.quiet, output_dir=tmp,
-                          verify=True if args.verify else None)
+                          verify=True if args.verify else None, checkpoint_dir=checkpoints, resume=args.resume)
         if not (tmp / "model.onnx").exists():
             export_onnx(result.model, result.example_inputs, tmp / "model.onnx", seed=result.recipe.seed)
         if args.latency:
@@ -48,6 +52,7 @@ def cmd_run(args) -> int:
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     print(result.report.summary())
     print(f"\nwrote {out}/: model.pt, model.onnx, report.json, report.md, recipe.yaml")
     return 0
@@ -142,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="random seed (default: the recipe's)")
     run.add_argument("--verify", action="store_true", help="check every exact pass preserves outputs in float64")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--resume", action="store_true",
+                     help="continue long passes (lc) from the checkpoints an interrupted run with this --out left")
     run.add_argument("--latency", action="store_true",
                      help="time the original and compressed ONNX models in onnxruntime (batch 1 and 32)")
     run.set_defaults(func=cmd_run)

@@ -79,7 +79,7 @@ class PassContext:
 
     def __init__(self, *, example_inputs: tuple, calibration=None, train=None, eval=None, seed: int = 0,
                  device: str | torch.device | None = None, progress: bool = True, verify: bool = False,
-                 output_dir=None):
+                 output_dir=None, checkpoint_dir=None, resume: bool = False):
         self.example_inputs = tuple(example_inputs)
         self.calibration = reiterable(calibration)
         self.train = reiterable(train)
@@ -89,6 +89,8 @@ class PassContext:
         self.show_progress = progress
         self.verify = verify
         self.output_dir = output_dir
+        self.checkpoint_dir = checkpoint_dir
+        self.resume = resume
         self.report = Report()
         self.state: dict[str, Any] = {}
         self.original: fx.GraphModule | None = None
@@ -137,6 +139,15 @@ class PassContext:
                 for batch in source:
                     return split_batch(batch)[0]
         return self.example_inputs
+
+    def checkpoint_path(self, name: str | None, default: str) -> str | None:
+        """Where a long pass keeps its checkpoint: `name` (relative to `checkpoint_dir`, else the output
+        folder), or `default` inside `checkpoint_dir` when the run has one (CLI `run`); None: no checkpoint."""
+        from pathlib import Path
+        folder = self.checkpoint_dir if self.checkpoint_dir is not None else self.output_dir
+        if name is None:
+            return None if self.checkpoint_dir is None else str(Path(self.checkpoint_dir) / default)
+        return name if Path(name).is_absolute() or folder is None else str(Path(folder) / name)
 
     def calibration_batches(self, who: str):
         if self.calibration is None:

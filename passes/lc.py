@@ -19,21 +19,18 @@ the model's output on the recipe's `train` batches.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fxcompress import TargetedConfig, register_pass
-from fxcompress.context import split_batch
-from fxcompress.errors import FxCompressError
 from fxcompress.lc.algorithm import geometric_schedule, run_lc
 from fxcompress.lc.csteps import make_cstep
 from fxcompress.lc.modules import from_module
 from fxcompress.rewrite import finish, replace_module
+from fxcompress.training import batch_loss, shuffled_epoch
 
 LAYER_TYPES = (nn.Linear, nn.Conv2d)
 
@@ -59,7 +56,8 @@ class LCConfig(TargetedConfig):
     lr: float = Field(0.01, gt=0, description="SGD learning rate; L steps clip it to 1/mu")
     momentum: float = Field(0.9, ge=0, lt=1)
     tol: float = Field(1e-3, ge=0, description="stop once ||w - Delta(Theta)|| < tol")
-    checkpoint: str | None = Field(None, description="checkpoint file (relative: in the output folder)")
+    checkpoint: str | None = Field(None, description="checkpoint file (relative: in the output folder, or the "
+                                                     "checkpoint folder of `fxcompress run`)")
     resume: bool = Field(False, description="continue from `checkpoint` if it exists")
     deploy: bool = Field(False, description="replace quantized layers by Codebook modules (codebook C steps)")
 
@@ -75,23 +73,16 @@ def _check(gm, config: LCConfig) -> None:
     mus = config.mus()
     if not mus or any(m <= 0 for m in mus) or any(b < a for a, b in zip(mus, mus[1:])):
         raise ValueError(f"schedule must be a non-empty, non-decreasing list of positive mu values, got {mus}")
+    if config.resume and config.checkpoint is None:
+        raise ValueError("resume: true needs `checkpoint:` (the file to resume from); `fxcompress run --resume` "
+                         "checkpoints on its own")
     if config.deploy and not step.codebook_form:
         raise ValueError(f"deploy: true needs a codebook C step (quantize, fixed_codebook, binarize, ternarize); "
                          f"'{config.cstep}' is not one: remove `deploy`")
 
 
 def _cross_entropy(model: nn.Module, batch) -> torch.Tensor:
-    inputs, target = split_batch(batch)
-    if target is None:
-        raise FxCompressError("pass 'lc' needs labelled train batches (inputs, target)")
-    return F.cross_entropy(model(*inputs), target)
-
-
-def _epoch(batches):
-    """One epoch of `batches`; lists are visited in a fresh order drawn from torch's (seeded) RNG."""
-    if isinstance(batches, list):
-        return [batches[i] for i in torch.randperm(len(batches)).tolist()]
-    return batches
+    return batch_loss(model, batch, who="pass 'lc'")
 
 
 @register_pass("lc", config=LCConfig, target_types=LAYER_TYPES, needs=("train",), check=_check)
@@ -105,15 +96,14 @@ def lc(gm, ctx, config):
     groups = [weights] if config.joint else [[w] for w in weights]
     tasks = [(group, make_cstep(config.cstep, **config.options)) for group in groups]
     batches = ctx.train_batches("lc")
-    checkpoint = config.checkpoint
-    if checkpoint is not None and ctx.output_dir is not None and not Path(checkpoint).is_absolute():
-        checkpoint = str(Path(ctx.output_dir) / checkpoint)
+    checkpoint = ctx.checkpoint_path(config.checkpoint, f"lc_pass{ctx.current.index if ctx.current else 0}.pt")
     mus = config.mus()
     bar = ctx.progress(None, desc=f"lc {config.cstep}", total=len(mus) if config.mode != "dc" else 0)
     try:
-        result = run_lc(gm, tasks, _cross_entropy, lambda: _epoch(batches), mode=config.mode,
+        result = run_lc(gm, tasks, _cross_entropy, lambda: shuffled_epoch(batches), mode=config.mode,
                         penalty=config.penalty, mu_schedule=mus, steps_per_mu=config.steps_per_mu, lr=config.lr,
-                        momentum=config.momentum, tol=config.tol, checkpoint_path=checkpoint, resume=config.resume,
+                        momentum=config.momentum, tol=config.tol, checkpoint_path=checkpoint,
+                        resume=config.resume or (ctx.resume and checkpoint is not None),
                         progress=lambda record: bar.update(), seed=ctx.seed)
     finally:
         bar.close()

@@ -115,3 +115,42 @@ def test_bad_lc_options_fail_before_any_work_with_the_line(tmp_path, cstep, opti
     with pytest.raises(RecipeError, match=message) as info:
         fxcompress.compress(LeNet300(64), str(path), progress=False)
     assert info.value.line == 7
+
+
+INTERRUPTED = """\
+fxcompress: 1
+model: lenet300
+input_shape: [1, 64]
+data:
+  train: {source: digits, split: train, batch_size: 64}
+passes:
+  - lc: {targets: [{type: Linear}], cstep: quantize, options: {k: 2}, schedule: [0.01, 0.02], steps_per_mu: 3}
+  - stop_once
+"""
+
+
+def test_cli_run_resume_continues_lc_from_its_checkpoint(tmp_path, monkeypatch):
+    from fxcompress import FxCompressError, register_pass
+    from fxcompress.cli import main
+    from fxcompress.lc.algorithm import _Run
+    calls = []
+
+    @register_pass("stop_once")
+    def stop_once(gm, ctx, config):
+        calls.append(1)
+        if len(calls) == 1:
+            raise FxCompressError("interrupted")
+        return gm
+
+    restored = []
+    original_restore = _Run._restore
+    monkeypatch.setattr(_Run, "_restore", lambda self: restored.append(1) or original_restore(self))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(INTERRUPTED)
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet", "--resume"]) == 2
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 2
+    assert not out.exists() and (tmp_path / ".out.checkpoints" / "lc_pass0.pt").is_file()
+    assert main(["run", str(recipe), "--out", str(out), "--quiet", "--resume"]) == 0
+    assert restored == [1] and (out / "model.onnx").is_file()
+    assert not (tmp_path / ".out.checkpoints").exists()

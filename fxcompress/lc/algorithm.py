@@ -232,6 +232,7 @@ def _stuck_at_dc(initial: dict, history: list[dict]) -> bool:
 
 def _save_checkpoint(path: str, state: dict) -> None:
     """torch.save to a temporary file in the same folder, then an atomic rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
