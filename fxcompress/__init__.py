@@ -5,6 +5,7 @@ A YAML recipe lists passes; `compress` traces a model, validates the recipe agai
 from .errors import DataError, FxCompressError, RecipeError, TraceError, VerificationError
 from .registry import PassConfig, TargetedConfig, available_passes, register_pass
 from .context import PassContext, register_analysis
+from .graph.spectrum import layer_spectra, write_spectrum
 from .trace import trace
 from .recipe import Recipe, load_recipe
 from .export import export_onnx
@@ -14,4 +15,5 @@ __version__ = "0.1.0"
 
 __all__ = ["CompressionResult", "DataError", "FxCompressError", "PassConfig", "PassContext", "Recipe",
            "RecipeError", "TargetedConfig", "TraceError", "VerificationError", "available_passes", "compress",
-           "export_onnx", "load", "load_recipe", "register_analysis", "register_pass", "save", "trace"]
+           "export_onnx", "layer_spectra", "load", "load_recipe", "register_analysis", "register_pass", "save",
+           "trace", "write_spectrum"]

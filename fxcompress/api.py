@@ -16,6 +16,7 @@ from .context import PassContext
 from .data import check_source, load_source
 from .errors import FxCompressError, RecipeError
 from .pass_manager import run_passes
+from .registry import needs_of
 from .recipe import Recipe, load_recipe
 from .report import Report
 from .targets import select_modules
@@ -52,8 +53,13 @@ def check_plan(gm: fx.GraphModule, recipe: Recipe, provided: set[str]) -> None:
     available = provided | {n for n in STREAMS if getattr(recipe.data, n) is not None}
     for step in recipe.passes:
         where = ("passes", step.index, step.name)
-        for need in step.info.needs:
-            if need not in available:
+        for need in needs_of(step.info, step.config):
+            if need.startswith("pass:"):
+                earlier = need.removeprefix("pass:")
+                if earlier not in {s.name for s in recipe.passes[:step.index]}:
+                    raise recipe.error(f"pass '{step.name}' uses the results of pass '{earlier}': add "
+                                       f"`- {earlier}` before it in the recipe", *where)
+            elif need not in available:
                 raise recipe.error(f"pass '{step.name}' needs {need} data: add `data: {{{need}: {{source: ...}}}}` "
                                    f"to the recipe or pass `{need}=` to fxcompress.compress", *where)
         if getattr(step.config, "targets", None) is not None:

@@ -101,7 +101,30 @@ def cmd_inspect(args) -> int:
     print(_text_table(["layer", "type", "output", "params", "MACs"], rows))
     print(f"\n{len(rows)} layers, {sum(p.numel() for p in gm.parameters()):,} params, "
           f"{sum(c.macs for c in ctx.analysis('cost', gm)):,} MACs per example at input {shape}")
+    if args.spectrum:
+        _inspect_spectrum(gm, ctx, args.spectrum)
+    if args.groups:
+        _inspect_groups(gm, ctx)
     return 0
+
+
+def _inspect_groups(gm, ctx) -> None:
+    """`inspect --groups`: the channel-dependency groups, which of them can shrink, and the frozen ops."""
+    from .graph.channels import format_groups
+    print("\n" + format_groups(ctx.analysis("channels", gm)))
+
+
+def _inspect_spectrum(gm, ctx, out: str) -> None:
+    """`inspect --spectrum OUT.json`: per-layer singular-value spectra as JSON, plotted to OUT.png."""
+    from .graph.spectrum import write_spectrum
+    from .report import _text_table
+    spectra = ctx.analysis("spectrum", gm)
+    rows = [[s.name, "x".join(map(str, s.shape)), *s.energy_ranks.values(), f"{s.condition_number:.3g}",
+             f"{s.effective_rank:.1f}"] for s in spectra]
+    levels = [f"r@{float(level):.0%}" for level in (spectra[0].energy_ranks if spectra else ())]
+    print("\n" + _text_table(["layer", "matrix", *levels, "cond", "erank"], rows))
+    json_path, png_path = write_spectrum(spectra, out)
+    print(f"\nwrote {json_path} and {png_path}")
 
 
 def cmd_passes(args) -> int:
@@ -164,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--input-shape", type=int, nargs="+", help="example input shape (default 1 3 224 224)")
     inspect.add_argument("--weights")
     inspect.add_argument("--leaf-modules", nargs="*", help="class names or name globs kept opaque")
+    inspect.add_argument("--spectrum", metavar="OUT.json",
+                         help="also write each Linear/Conv layer's singular-value spectrum to OUT.json and "
+                              "plot it to OUT.png")
+    inspect.add_argument("--groups", action="store_true",
+                         help="also print the channel-dependency groups (what can shrink together) and the "
+                              "ops that freeze channels")
     inspect.set_defaults(func=cmd_inspect)
 
     passes = sub.add_parser("passes", help="the registered passes and their options")

@@ -35,7 +35,7 @@ class PassInfo:
     config: type[PassConfig]
     exact: bool
     target_types: tuple[type[nn.Module], ...] = ()
-    needs: tuple[str, ...] = ()
+    needs: tuple[str, ...] | Callable = ()
     check: Callable | None = None
     doc: str = ""
     origin: str = field(default="")
@@ -46,13 +46,14 @@ _discovered = False
 
 
 def register_pass(name: str, *, config: type[PassConfig] = PassConfig, exact: bool = False,
-                  target_types: tuple[type[nn.Module], ...] = (), needs: tuple[str, ...] = (),
+                  target_types: tuple[type[nn.Module], ...] = (), needs: tuple[str, ...] | Callable = (),
                   check: Callable | None = None):
     """Register `run(gm, ctx, config) -> gm` as the pass `name`.
 
     `exact` declares the pass function-preserving: `verify` mode then checks it in float64.
-    `target_types` are the module types its `targets` may select, and `needs` the data streams it reads
-    (`"calibration"`, `"train"`, `"eval"`): both are checked before any work starts. `check(gm, config)`,
+    `target_types` are the module types its `targets` may select, and `needs` what must be there before it
+    runs: data streams (`"calibration"`, `"train"`, `"eval"`) and earlier passes (`"pass:sensitivity"`), or a
+    function of the config returning them: both are checked before any work starts. `check(gm, config)`,
     if given, validates the configuration against the traced model before any pass runs (raise ValueError
     with a message saying what to change).
     """
@@ -61,10 +62,15 @@ def register_pass(name: str, *, config: type[PassConfig] = PassConfig, exact: bo
 
     def decorate(fn: Callable) -> Callable:
         _REGISTRY[name] = PassInfo(name=name, run=fn, config=config, exact=exact, target_types=target_types,
-                                   needs=tuple(needs), check=check,
+                                   needs=needs if callable(needs) else tuple(needs), check=check,
                                    doc=(fn.__doc__ or "").strip(), origin=fn.__module__)
         return fn
     return decorate
+
+
+def needs_of(info: PassInfo, config: PassConfig) -> tuple[str, ...]:
+    """What the pass `info`, configured by `config`, needs (see `register_pass`)."""
+    return tuple(info.needs(config)) if callable(info.needs) else info.needs
 
 
 def _discover() -> None:

@@ -1,2 +1,3 @@
 """The built-in passes of fxcompress, one module each (installed as `fxcompress.passes`)."""
-from . import export_onnx, fold_batchnorm, lc  # noqa: F401  (importing registers the passes)
+# importing a module registers its passes
+from . import export_onnx, finetune, fold_batchnorm, lc, low_rank, sensitivity  # noqa: F401

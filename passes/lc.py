@@ -3,7 +3,8 @@
 A recipe entry names the layers (`targets`), the C step (`cstep` + `options`, see
 `fxcompress.lc.csteps.available_csteps()`), the algorithm (`mode`: lc, dc or idc) and its schedule,
 and optionally `deploy: true`, which swaps quantized Linear/Conv2d layers for `CodebookLinear` /
-`CodebookConv2d` (uint8 indices + a K-value codebook), so the exported ONNX file shrinks too::
+`CodebookConv2d` (uint8 indices + a K-value codebook), so the exported ONNX file shrinks too, and
+low-rank layers for two factor layers (the `low_rank` pass's rewrite) where that saves parameters::
 
     - lc:
         targets: [{type: Linear}]
@@ -29,6 +30,8 @@ from fxcompress import TargetedConfig, register_pass
 from fxcompress.lc.algorithm import geometric_schedule, run_lc
 from fxcompress.lc.csteps import make_cstep
 from fxcompress.lc.modules import from_module
+from fxcompress.passes.low_rank import Factors, factors_to_module, replace_with_factors
+from fxcompress.solvers.randomized_svd import breaks_even
 from fxcompress.rewrite import finish, replace_module
 from fxcompress.training import batch_loss, shuffled_epoch
 
@@ -76,9 +79,9 @@ def _check(gm, config: LCConfig) -> None:
     if config.resume and config.checkpoint is None:
         raise ValueError("resume: true needs `checkpoint:` (the file to resume from); `fxcompress run --resume` "
                          "checkpoints on its own")
-    if config.deploy and not step.codebook_form:
-        raise ValueError(f"deploy: true needs a codebook C step (quantize, fixed_codebook, binarize, ternarize); "
-                         f"'{config.cstep}' is not one: remove `deploy`")
+    if config.deploy and not (step.codebook_form or step.factor_form):
+        raise ValueError(f"deploy: true needs a codebook C step (quantize, fixed_codebook, binarize, ternarize) "
+                         f"or a low-rank one (low_rank, low_rank_auto); '{config.cstep}' is neither: remove `deploy`")
 
 
 def _cross_entropy(model: nn.Module, batch) -> torch.Tensor:
@@ -118,9 +121,29 @@ def lc(gm, ctx, config):
                          storage_bits=step.storage_bits(theta))
     if not config.deploy:
         return gm
-    for group, theta in zip(groups, result.thetas):
-        for weight, indices in zip(group, theta["indices"]):
+    for (group, step), theta in zip(tasks, result.thetas):
+        for i, weight in enumerate(group):
             name = weight.removesuffix(".weight")
-            module = gm.get_submodule(name)
-            replace_module(gm, name, from_module(module, theta["codebook"].to(module.weight.dtype), indices))
+            if step.codebook_form:
+                _deploy_codebook(gm, name, theta["codebook"], theta["indices"][i])
+            else:
+                _deploy_factors(gm, ctx, name, *theta["factors"][i])
     return finish(gm)
+
+
+def _deploy_codebook(gm, name: str, codebook, indices) -> None:
+    module = gm.get_submodule(name)
+    replace_module(gm, name, from_module(module, codebook.to(module.weight.dtype), indices))
+
+
+def _deploy_factors(gm, ctx, name: str, u, v) -> None:
+    """Swap a layer whose weight is U V^T for the two factor layers, unless that stores more values."""
+    layer = gm.get_submodule(name)
+    m, n = u.shape[0], v.shape[0]
+    rank = u.shape[1]
+    if rank == 0 or breaks_even(m, n, rank) or getattr(layer, "groups", 1) != 1:
+        ctx.note(f"{name}: rank {rank} kept as a dense {m}x{n} weight (two factors would not be smaller)")
+        return
+    bias = None if layer.bias is None else layer.bias.detach()
+    factors = Factors([u.to(layer.weight.dtype)], [v.T.to(layer.weight.dtype)], bias)
+    replace_with_factors(gm, name, factors_to_module(layer, factors))

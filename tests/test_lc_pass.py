@@ -78,10 +78,13 @@ def test_prune_recipe_keeps_five_percent_jointly_and_beats_direct_compression(tr
 def test_lowrank_recipe_constrains_the_hidden_layers(trained, tmp_path):
     model, _ = trained
     result = run(model, "lenet300_lc_lowrank", tmp_path)
-    w = weights(result.model)
-    for name in ("fc1", "fc2"):
-        assert np.linalg.matrix_rank(w[name].double().numpy(), tol=1e-4) == 8
-    assert np.linalg.matrix_rank(w["fc3"].double().numpy(), tol=1e-4) == 10
+    gm = result.model
+    for name, (m, n) in {"fc1": (300, 64), "fc2": (100, 300)}.items():
+        pair = gm.get_submodule(name)
+        assert (pair.project.in_features, pair.project.out_features, pair.expand.out_features) == (n, 8, m)
+    assert isinstance(gm.fc3, nn.Linear) and np.linalg.matrix_rank(gm.fc3.weight.double().detach().numpy()) == 10
+    assert sum(p.numel() for p in gm.parameters()) == 8 * (64 + 300) + 300 + 8 * (300 + 100) + 100 + 100 * 10 + 10
+    export_onnx(gm, (torch.randn(1, 64),), tmp_path / "lowrank.onnx")
     assert result.report.metrics["accuracy_after"] >= 0.95
     rows = result.report.passes[0].layers
     assert [r["name"] for r in rows] == ["fc1", "fc2"]

@@ -61,12 +61,15 @@ class CStep:
     costs").  `penalty_form` is True when `compress` minimises a penalty that depends on mu.
     `codebook_form` is True when Theta holds "codebook" (K values) and "indices" (one integer
     tensor per weight) with Delta(Theta) = codebook[indices]: such results deploy as the Codebook
-    modules of `fxcompress.lc.modules`.
+    modules of `fxcompress.lc.modules`.  `factor_form` is True when Theta holds "factors", one
+    (U, V) pair per weight with Delta = reshape(U V^T): such results deploy as two-layer factorised
+    modules (the `low_rank` pass's rewrite).
     """
 
     name: str = ""
     penalty_form: bool = False
     codebook_form: bool = False
+    factor_form: bool = False
 
     def compress(self, weights: list[Tensor], mu: float) -> dict:
         raise NotImplementedError
@@ -562,6 +565,8 @@ class _FactorStep(CStep):
     out x (in*kh*kw)), U = U_r S_r of m x r and V = V_r of n x r from the SVD of W, which gives
     the best rank-r approximation (Eckart-Young).  Storage: r (m + n) floats per weight.
     """
+
+    factor_form = True
 
     def _rank(self, singular_values: Tensor, m: int, n: int, mu: float) -> int:
         raise NotImplementedError
