@@ -91,7 +91,20 @@ class Report:
         notes = [f"- **{p.name}**: {n}" for p in self.passes for n in p.notes]
         if notes:
             parts += ["", "## Notes", "", *notes]
+        for p in self.passes:
+            if p.layers:
+                head = list(dict.fromkeys(key for row in p.layers for key in row))
+                rows = [[_cell(row.get(key, "")) for key in head] for row in p.layers]
+                parts += ["", f"## Pass {p.index}: {p.name}, per layer", "", _md_table(head, rows)]
         return "\n".join(parts) + "\n"
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "x".join(map(str, value))
+    return str(value)
 
 
 def _is_table(value) -> bool:

@@ -146,3 +146,13 @@ def test_latency_of_original_and_compressed_goes_in_the_report(tmp_path, capsys)
     assert "onnx_latency" in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [r["batch"] for r in saved["metrics"]["onnx_latency"]] == [1, 32]
+
+
+def test_markdown_report_has_each_pass_layer_records():
+    recipe = {"fxcompress": 1, "input_shape": [1, 64], "passes": [{"low_rank": {"targets": ["fc1", "fc2"], "rank": 4}}]}
+    result = fxcompress.compress(build_model("lenet300", [1, 64]), recipe, progress=False)
+    text = result.report.to_markdown()
+    section = text.split("## Pass 0: low_rank, per layer", 1)[1]
+    header = section.strip().splitlines()[0]
+    assert "name" in header and "rank" in header and "params_after" in header
+    assert "| fc1 |" in section and "| fc2 |" in section
