@@ -127,6 +127,19 @@ def _inspect_spectrum(gm, ctx, out: str) -> None:
     print(f"\nwrote {json_path} and {png_path}")
 
 
+def _type_name(annotation) -> str:
+    """A readable type for `fxcompress passes`: Literal values spelled out, module paths dropped."""
+    import re
+    import typing
+    if typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(map(str, typing.get_args(annotation)))
+    text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
+    text = text or str(annotation).replace("typing.", "")
+    text = re.sub(r"\b(?:[a-z_][\w]*\.)+([A-Za-z_]\w*)", r"\1", text)
+    return re.sub(r"Union\[TypeTarget, RegexTarget, NameTarget, str\]|Union\[str, TypeTarget, RegexTarget, "
+                  r"NameTarget\]", "glob | {type} | {regex} | {name}", text)
+
+
 def cmd_passes(args) -> int:
     from .registry import available_passes
     for name, info in available_passes().items():
@@ -137,7 +150,7 @@ def cmd_passes(args) -> int:
         for field, spec in info.config.model_fields.items():
             default = "required" if spec.is_required() else f"default {spec.get_default(call_default_factory=True)!r}"
             desc = f" — {spec.description}" if spec.description else ""
-            print(f"    {field}: {getattr(spec.annotation, '__name__', spec.annotation)} ({default}){desc}")
+            print(f"    {spec.alias or field}: {_type_name(spec.annotation)} ({default}){desc}")
     return 0
 
 

@@ -62,7 +62,8 @@ class LCConfig(TargetedConfig):
     checkpoint: str | None = Field(None, description="checkpoint file (relative: in the output folder, or the "
                                                      "checkpoint folder of `fxcompress run`)")
     resume: bool = Field(False, description="continue from `checkpoint` if it exists")
-    deploy: bool = Field(False, description="replace quantized layers by Codebook modules (codebook C steps)")
+    deploy: bool = Field(False, description="replace quantized layers by Codebook modules and low-rank ones by "
+                                                   "two factor layers")
 
     def mus(self) -> list[float]:
         if isinstance(self.schedule, GeometricSchedule):
