@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
+from .selector import Selector
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FX_HINT = ("declare it (or the submodule that contains the failing code) a leaf with the recipe's "
@@ -38,7 +39,7 @@ class _Tracer(fx.Tracer):
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if _matches(m, module_qualified_name, self.extra_leaves):
+        if isinstance(m, Selector) or _matches(m, module_qualified_name, self.extra_leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -49,3 +49,12 @@ def test_batchnorm_after_a_shared_tensor_is_not_folded():
     assert any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(result.model(x), model(x))
+
+
+def test_verify_mode_checks_fold_batchnorm_on_a_float32_model():
+    model = randomize_batchnorm(ConvBN1d()).eval()
+    recipe = {"fxcompress": 1, "input_shape": [2, 3, 16], "verify": True, "passes": ["fold_batchnorm"]}
+    result = fxcompress.compress(model, recipe, progress=False)
+    assert result.report.passes[0].verified is True
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in result.model.modules())
+    assert next(result.model.parameters()).dtype == torch.float32
