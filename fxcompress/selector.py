@@ -31,8 +31,10 @@ move is accepted. A custom per-channel module declares its rule like this::
 
 Built-in rules: elementwise activations, dropout and identity (modules, functions,
 methods), broadcasting arithmetic (``add``, ``mul``, ... into every operand that
-is not broadcast along the selected dim), BatchNorm/InstanceNorm, PReLU, pooling,
+is not broadcast along the selected dim), BatchNorm/InstanceNorm, PReLU, LayerNorm
+(a selection of an unnormalised dim), GroupNorm (by whole groups), pooling,
 reductions over other dims, ``flatten``, ``cat``, ``permute``/``transpose``,
+``reshape``/``view`` that split or merge only other dims,
 Linear and ConvNd (absorbed: output rows dropped; grouped and depthwise
 convolutions narrowed by whole groups and the selection continues upstream),
 ConvTransposeNd (groups 1), chained selectors, and constant tensors (``get_attr``).
@@ -434,6 +436,41 @@ def _through_norm(site: Site) -> Commutation | None:
     return site.through(site.node.args[0], apply=apply)
 
 
+@register_commutation(nn.LayerNorm, F.layer_norm)
+def _through_layer_norm(site: Site) -> Commutation | None:
+    """Normalisation over the last dims commutes with a selection of an earlier dim (weight and bias span the
+    normalised dims only); a selection of a normalised dim does not commute with it."""
+    x = site.input()
+    dims = site.module.normalized_shape if site.node.op == "call_module" else \
+        argument(site.node, 1, "normalized_shape")
+    dims = (dims,) if isinstance(dims, int) else dims
+    if x is None or not isinstance(dims, (list, tuple)) or not _constants(*dims) or \
+            site.selection.dim >= site.rank - len(dims):
+        return None
+    return site.through(x)
+
+
+@register_commutation(nn.GroupNorm)
+def _through_group_norm(site: Site) -> Commutation | None:
+    """Statistics per group of consecutive channels: the groups with a kept channel are kept whole (with
+    their weight and bias entries) and move upstream; a residual selection within them stays after."""
+    norm, d = site.module, site.selection.dim
+    if d != 1:
+        return None
+    per_group = norm.num_channels // norm.num_groups
+    groups = torch.unique(site.selection.keep // per_group)
+    covered = Selection(d, whole_blocks(groups, per_group), norm.num_channels)
+    residual = site.selection.within(covered)
+
+    def apply():
+        module = site.own_module()
+        for name in ("weight", "bias"):
+            narrow_tensor(module, name, 0, covered.keep)
+        module.num_groups, module.num_channels = groups.numel(), covered.count
+    return Commutation(inputs=[(site.node.args[0], covered)], apply=apply,
+                       residual=None if residual.is_identity else residual)
+
+
 # --- pooling and reductions over other dims ----------------------------------------------------------
 
 def _spatial_rule(spatial: int) -> CommutationRule:
@@ -545,6 +582,42 @@ def _replace_argument(node: fx.Node, index: int, name: str, value) -> None:
         node.args = (*node.args[:index], value, *node.args[index + 1:])
     else:
         node.kwargs = {**node.kwargs, name: value}
+
+
+def _target_sizes(node: fx.Node) -> list | None:
+    """The sizes a reshape/view asks for, flattened from ``x.view(a, b)``, ``x.view((a, b))`` or
+    ``torch.reshape(x, shape)``; None unless they are constant ints (a size computed by the graph could
+    change when a dim is narrowed)."""
+    if node.op == "call_method":
+        sizes = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+    else:
+        sizes = [argument(node, 1, "shape")]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = list(sizes[0])
+    return sizes if _constants(*sizes) and not any(isinstance(s, bool) for s in sizes) else None
+
+
+@register_commutation(torch.reshape, "reshape", "view")
+def _through_reshape(site: Site) -> Commutation | None:
+    """A reshape that splits or merges only dims other than the selected one: an input dim of the same size
+    with as many entries before it becomes the selected dim, so the selection moves there unchanged (the size
+    asked for the selected dim, if not -1, becomes the kept count)."""
+    x, out, d = site.input(), site.shape(), site.selection.dim
+    in_shape, sizes = (site.shape(x) if x is not None else None), _target_sizes(site.node)
+    if in_shape is None or sizes is None or len(sizes) != len(out):
+        return None
+    before = math.prod(out[:d])
+    source = next((j for j, size in enumerate(in_shape) if size == out[d] and math.prod(in_shape[:j]) == before),
+                  None)
+    if source is None:
+        return None
+
+    def apply():
+        if sizes[d] != -1:
+            resized = [*sizes[:d], site.selection.count, *sizes[d + 1:]]
+            site.node.args, site.node.kwargs = (x, *resized) if site.node.op == "call_method" else \
+                (x, tuple(resized)), {}
+    return Commutation(inputs=[(x, site.selection.on(source, in_shape[source]))], apply=apply)
 
 
 def _permutation(site: Site) -> list[int] | None:

@@ -7,9 +7,17 @@ rows at the kept indices). Each Selector moves through the commutation rules of
 stream, a DenseNet concatenation input) is shrunk to the union of what its readers select, each keeping
 its selection relative to that union; a selector that cannot move stays as a dynamic sampler
 (``index_select``, ONNX ``Gather``) -- seed 003 §2.6's "dynamic" application.
+
+Moving a selector through a sum or a concatenation splits it into one per operand; those that are
+not absorbed would make the model gather more often than before. So once no selector moves, the
+leftovers are regrouped (a concatenation's selected inputs into one selector after it, a selector
+whose readers all select into theirs), and if the graph still has more selectors than it came with,
+the original is collapsed again with only the moves that never add a selector. The pass therefore
+never leaves more dynamic gathers than it received.
 """
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -21,7 +29,7 @@ from fxcompress import PassConfig, register_pass
 from fxcompress.errors import FxCompressError
 from fxcompress.graph.shapes import propagate_shapes
 from fxcompress.rewrite import bypass, finish, insert_module_after, insert_module_before
-from fxcompress.selector import (Commutation, Selection, Selector, Site, commutation_rule, describe,
+from fxcompress.selector import (Commutation, Selection, Selector, Site, argument, commutation_rule, describe,
                                  is_tensor_shape, set_selection)
 
 
@@ -32,14 +40,18 @@ class CollapseConfig(PassConfig):
 @dataclass
 class CollapseSummary:
     """What `collapse_selectors` did: `absorbed` names the layers and constants that ended a selector,
-    `narrowed` every module made smaller, `dynamic` maps each remaining Selector node to why it stays."""
+    `narrowed` every module made smaller, `regrouped` counts selectors removed by regrouping leftovers,
+    `dynamic` maps each remaining Selector node to why it stays, and `cautious` says the free moves left
+    more selectors than there were, so only moves that never add one were made."""
     selectors_before: int = 0
     absorbed: list[str] = field(default_factory=list)
     merged: int = 0
+    regrouped: int = 0
     narrowed: list[dict] = field(default_factory=list)
     dynamic: dict[str, str] = field(default_factory=dict)
     rounds: int = 0
     converged: bool = True
+    cautious: bool = False
 
 
 def is_selector(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -62,11 +74,15 @@ def node_shapes(gm: fx.GraphModule, example_inputs: tuple) -> dict[fx.Node, tupl
 
 
 class _Collapser:
-    """The fixed-point iteration; one instance per call of `collapse_selectors`."""
+    """The fixed-point iteration and the regrouping after it, on one GraphModule.
 
-    def __init__(self, gm: fx.GraphModule, shapes: dict[fx.Node, tuple | None]):
-        self.gm, self.shapes = gm, shapes
-        self.summary = CollapseSummary(selectors_before=len(selector_nodes(gm)))
+    With `cautious`, a move is made only if it cannot add a selector (no splitting at sums and
+    concatenations, no union unless it replaces a reader's selector), so the count never grows.
+    """
+
+    def __init__(self, gm: fx.GraphModule, shapes: dict[fx.Node, tuple | None], cautious: bool = False):
+        self.gm, self.shapes, self.cautious = gm, shapes, cautious
+        self.summary = CollapseSummary(selectors_before=len(selector_nodes(gm)), cautious=cautious)
         self.stuck: dict[fx.Node, str] = {}
         self.erased: set[fx.Node] = set()
         self.device = next((t.device for t in gm.state_dict().values()), torch.device("cpu"))
@@ -78,6 +94,7 @@ class _Collapser:
                 break
         else:
             self.summary.converged = False
+        self._regroup()
         self.summary.dynamic = {node.name: self.stuck.get(node, "not examined") for node in selector_nodes(self.gm)}
         return self.summary
 
@@ -131,9 +148,14 @@ class _Collapser:
         if isinstance(plan, str):
             return self._stuck(node, f"the readers of {describe(self.gm, source)} use {union.count} of its "
                                      f"{union.size} entries on dim {union.dim}, but {plan}")
+        relatives = {user: read.within(union) for user, read in readers.items()}
+        replaced = sum(relative.is_identity for relative in relatives.values())
+        if self._would_add(_fragments(*plan), replaced):
+            return self._stuck(node, f"the readers of {describe(self.gm, source)} select different entries: "
+                                     "shrinking it to their union would leave a selector for each reader besides "
+                                     "those the union leaves upstream")
         united = self._insert(source, union, users=list(readers))
-        for user, read in readers.items():
-            relative = read.within(union)
+        for user, relative in relatives.items():
             if relative.is_identity:
                 self._remove(user)
             else:
@@ -152,7 +174,14 @@ class _Collapser:
         plan = self._plan(source, selection)
         if isinstance(plan, str):
             return self._stuck(node, plan)
+        if self._would_add(_fragments(*plan), 1):
+            return self._stuck(node, f"moving it through {describe(self.gm, source)} would split it into "
+                                     f"{_fragments(*plan)} selectors")
         return self._commit(node, source, selection, *plan)
+
+    def _would_add(self, created: int, removed: int) -> bool:
+        """Whether a move creating `created` selectors and removing `removed` is refused (cautious mode)."""
+        return self.cautious and created > removed
 
     def _plan(self, source: fx.Node, selection: Selection) -> tuple[Commutation, dict] | str:
         """How `selection` of `source`'s output would move (nothing changes yet), or why it cannot."""
@@ -214,6 +243,61 @@ class _Collapser:
             else:
                 self.summary.absorbed.append(str(source.target))
 
+    # --- regrouping what stays dynamic ----------------------------------------------------------------------
+
+    def _regroup(self) -> None:
+        """Rewrite leftover selectors into fewer, exactly, until no rewrite applies."""
+        changed = True
+        while changed:
+            changed = False
+            for node in list(self.gm.graph.nodes):
+                if node in self.erased:
+                    continue
+                if node.op == "call_function" and node.target in _CATS:
+                    changed |= self._gather_after_cat(node)
+                elif is_selector(self.gm, node):
+                    changed |= self._compose_into_readers(node)
+
+    def _gather_after_cat(self, cat: fx.Node) -> bool:
+        """``cat([s1(a), s2(b), c])`` along the selectors' dim becomes ``s(cat([a, b, c]))``: one gather for
+        the selectors read by this concatenation alone (at least two)."""
+        tensors, dim, shape = argument(cat, 0, "tensors"), argument(cat, 1, "dim", 0), self.shapes.get(cat)
+        if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or not is_tensor_shape(shape) or \
+                not all(isinstance(t, fx.Node) and is_tensor_shape(self.shapes.get(t)) for t in tensors):
+            return False
+        dim %= len(shape)
+        selected = [t for t in tensors if tensors.count(t) == 1 and len(t.users) == 1
+                    and getattr(self._selection_of(t), "dim", None) == dim]
+        if len(selected) < 2:
+            return False
+        parts, offset = [], 0
+        for tensor in tensors:
+            read = self._selection_of(tensor) if tensor in selected else None
+            size = read.size if read is not None else self.shapes[tensor][dim]
+            parts.append(offset + (read.keep if read is not None else torch.arange(size)))
+            offset += size
+        for tensor in selected:
+            self._remove(tensor)
+        self._resize(cat, dim, offset)
+        gathered = self._insert(cat, Selection(dim, torch.cat(parts), offset))
+        self.stuck[gathered] = (f"regrouped after {describe(self.gm, cat)}: the selections of {len(selected)} of "
+                                "its inputs were not absorbed upstream")
+        self.summary.regrouped += len(selected) - 1
+        return True
+
+    def _compose_into_readers(self, node: fx.Node) -> bool:
+        """A selector read only by selectors of the same dim is folded into each of them."""
+        selection = self._selection_of(node)
+        readers = [(user, self._selection_of(user)) for user in node.users]
+        if selection is None or not readers or \
+                any(read is None or read.dim != selection.dim for _, read in readers):
+            return False
+        for user, read in readers:
+            set_selection(self.gm, user, selection.then(read))
+        self._remove(node)
+        self.summary.regrouped += 1
+        return True
+
     # --- graph edits that keep `shapes` current ----------------------------------------------------------
 
     def _resize(self, node: fx.Node, dim: int, size: int) -> None:
@@ -237,20 +321,40 @@ class _Collapser:
         self.stuck.pop(node, None)
 
 
-def collapse_selectors(gm: fx.GraphModule, example_inputs: tuple, max_rounds: int = 50) -> CollapseSummary:
-    """Move the Selectors of `gm` upstream and absorb them, in place; the caller recompiles (`finish`).
+_CATS = (torch.cat, torch.concat, torch.concatenate)
 
+
+def _fragments(move: Commutation, edges: dict[fx.Node, Selection]) -> int:
+    """How many selectors a move leaves: one per selected input, plus the residual after the node."""
+    return sum(not read.is_identity for read in edges.values()) + (move.residual is not None)
+
+
+def collapse_selectors(gm: fx.GraphModule, example_inputs: tuple,
+                       max_rounds: int = 50) -> tuple[fx.GraphModule, CollapseSummary]:
+    """Move the Selectors of `gm` upstream and absorb them; the caller recompiles (`finish`).
+
+    Returns the collapsed GraphModule, which has no more selectors than `gm` had, and the summary. The
+    result is `gm` itself, changed in place, or -- when moving freely left more selectors even after
+    regrouping -- a copy of the original collapsed cautiously; either way use the result, not `gm`.
     `example_inputs` give the tensor shapes the rules need (run once, in `gm`'s dtype).
     """
-    return _Collapser(gm, node_shapes(gm, example_inputs)).run(max_rounds)
+    original = copy.deepcopy(gm)
+    summary = _Collapser(gm, node_shapes(gm, example_inputs)).run(max_rounds)
+    if len(summary.dynamic) <= summary.selectors_before:
+        return gm, summary
+    return original, _Collapser(original, node_shapes(original, example_inputs), cautious=True).run(max_rounds)
 
 
 def _report(ctx, summary: CollapseSummary, params_removed: int) -> None:
     dynamic = len(summary.dynamic)
     ctx.note(f"{summary.selectors_before} selector(s) in, {dynamic} left dynamic (index_select / ONNX Gather); "
-             f"{len(summary.absorbed)} absorbed into layers, {summary.merged} merged into another selector "
+             f"{len(summary.absorbed)} absorbed into layers, {summary.merged} merged into another selector, "
+             f"{summary.regrouped} removed by regrouping leftovers "
              f"(selectors split at sums and concatenations, so these need not add up); "
              f"{params_removed:,} parameters removed in {summary.rounds} round(s)")
+    if summary.cautious:
+        ctx.note("moving selectors freely left more of them than there were: collapsed again with only the moves "
+                 "that never add a selector")
     if not summary.converged:
         ctx.note(f"no fixed point after max_rounds={summary.rounds}: raise `max_rounds` to move the rest")
     for row in summary.narrowed:
@@ -265,7 +369,7 @@ def collapse(gm, ctx, config):
     its tensor; what cannot move (graph inputs, shared tensors read whole, ops without a rule) stays a
     dynamic sampler."""
     params_before = sum(p.numel() for p in gm.parameters())
-    summary = collapse_selectors(gm, ctx.example_inputs, config.max_rounds)
+    gm, summary = collapse_selectors(gm, ctx.example_inputs, config.max_rounds)
     gm = finish(gm)
     _report(ctx, summary, params_before - sum(p.numel() for p in gm.parameters()))
     return gm

@@ -1,6 +1,7 @@
 """collapse: selectors commute with per-entry ops and fold into the layer producing their tensor (seed 003 §2.2,
 §2.6), exactly; what cannot move stays a dynamic sampler."""
 import copy
+import operator
 
 import onnx
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 import fxcompress
 from fxcompress import selector as selector_module
@@ -90,23 +92,59 @@ def dynamic_reasons(record) -> dict:
     return {row["name"]: row["reason"] for row in record.layers if row["action"] == "dynamic"}
 
 
-def assert_only_shared_tensors_keep_selectors(gm):
-    """Every remaining selector reads a tensor that several consumers read and whose readers, together, use
-    all of it (a residual stream or a tensor concatenated in several places): nothing else is left."""
-    remaining = selectors(gm)
-    for node in remaining:
+def width(node) -> int:
+    """The channel (dim 1) width of `node`'s output, as shape propagation last recorded it."""
+    return node.meta["tensor_meta"].shape[1]
+
+
+def regrouped_selector(gm, node):
+    """The selector that alone reads the channel concatenation `node`, if any."""
+    if node.target is not torch.cat or len(node.users) != 1:
+        return None
+    (user,) = node.users
+    return user if user.op == "call_module" and isinstance(gm.get_submodule(user.target), Selector) else None
+
+
+def entries_read(gm, tensor, reader) -> set | None:
+    """The channels of `tensor` that `reader` uses: a selector's kept ones, the share of a concatenation's
+    regrouped selector that falls on `tensor`, or None for all of them."""
+    if reader.op == "call_module" and isinstance(gm.get_submodule(reader.target), Selector):
+        return set(keep_of(gm, reader).tolist())
+    gathered = regrouped_selector(gm, reader)
+    if gathered is None:
+        return None
+    offset = 0
+    for part in reader.args[0]:
+        if part is tensor:
+            return {i - offset for i in keep_of(gm, gathered).tolist() if offset <= i < offset + width(part)}
+        offset += width(part)
+    raise AssertionError(f"{tensor.name} is not concatenated by {reader.name}")
+
+
+def assert_only_shared_tensors_keep_selectors(gm, x):
+    """Every remaining selector (all on channels) reads a tensor that several consumers read and whose
+    readers, together, use all of it (a residual stream or a tensor concatenated in several places), or
+    gathers once after a concatenation of at least two such tensors: nothing else is left."""
+    ShapeProp(gm).propagate(x)
+    for node in selectors(gm):
+        assert gm.get_submodule(node.target).dim % len(node.meta["tensor_meta"].shape) == 1
         source = node.args[0]
-        readers = list(source.users)
-        assert len(readers) > 1, f"{node.name} reads {source.name} alone but was not absorbed"
-        kept = set()
-        for reader in readers:
-            if reader in remaining:
-                kept |= set(gm.get_submodule(reader.target).keep.tolist())
-            else:
-                kept = None
-                break
-        width = gm.get_submodule(node.target).size
-        assert kept is None or kept == set(range(width)), f"{source.name} could shrink further"
+        partial = [source]
+        if regrouped_selector(gm, source) is node:
+            partial = [p for p in source.args[0] if len(entries_read(gm, p, source)) < width(p)]
+            assert len(partial) >= 2, f"{node.name} regroups fewer than two selections"
+        for tensor in partial:
+            assert len(tensor.users) > 1, f"{node.name} reads {tensor.name} alone but was not absorbed"
+            used = [entries_read(gm, tensor, reader) for reader in tensor.users]
+            assert None in used or set().union(*used) == set(range(width(tensor))), \
+                f"{tensor.name} could shrink further"
+
+
+def assert_no_more_gathers(before: int, out, record):
+    """Collapse left no more selectors than it received, without falling back to cautious moves."""
+    assert len(selectors(out)) <= before
+    assert f"{before} selector(s) in, {len(selectors(out))} left dynamic" in record.notes[0]
+    assert len(record.notes) == 1, record.notes
 
 
 # --- whole models ------------------------------------------------------------------------------------
@@ -152,7 +190,7 @@ def test_resnet18_keeps_selectors_only_on_the_residual_stream():
     gm = traced(model, skip=("conv1",))
     assert len(selectors(gm)) == 20
     _, out, record = collapsed(gm, x)
-    assert_only_shared_tensors_keep_selectors(out)
+    assert_only_shared_tensors_keep_selectors(out, x)
     # inside each block, conv2's selector folds into conv1 through bn1 and relu
     narrowed = {row["name"] for row in record.layers if row["action"] == "narrowed"}
     assert {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)} <= narrowed
@@ -161,13 +199,15 @@ def test_resnet18_keeps_selectors_only_on_the_residual_stream():
     assert len(selectors(out)) == 16
     assert all("together use all" in reason for reason in dynamic_reasons(record).values())
     assert params(out) < 0.65 * params(model)
+    assert_no_more_gathers(20, out, record)
 
 
 def test_mobilenet_v2_narrows_depthwise_convs_and_continues_upstream():
     model = randomize_batchnorm(torchvision.models.mobilenet_v2())
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
-    annotated, out, _ = collapsed(traced(model, skip=("features.0.0",)), x)
-    assert_only_shared_tensors_keep_selectors(out)
+    annotated, out, record = collapsed(traced(model, skip=("features.0.0",)), x)
+    assert_only_shared_tensors_keep_selectors(out, x)
+    assert_no_more_gathers(len(selectors(annotated)), out, record)
     depthwise = [(n, m) for n, m in out.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     assert depthwise and all(m.groups == m.in_channels == m.out_channels for _, m in depthwise)
     assert all(m.groups < annotated.get_submodule(n).groups for n, m in depthwise)
@@ -178,23 +218,29 @@ def test_densenet121_splits_selections_across_concatenations():
     model = randomize_batchnorm(torchvision.models.densenet121())
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     annotated, out, record = collapsed(traced(model, skip=("features.conv0",)), x)
-    assert_only_shared_tensors_keep_selectors(out)
+    assert_only_shared_tensors_keep_selectors(out, x)
     narrowed = {row["name"] for row in record.layers if row["action"] == "narrowed"}
     # each dense layer's conv2 selection folds into its conv1 through relu2 and norm2
     inner = {n for n, _ in annotated.named_modules() if n.endswith(("conv1", "norm2")) and "denselayer" in n}
     assert len(inner) == 2 * 58 and inner <= narrowed
     assert params(out) < 0.75 * params(annotated)
+    # each concatenation input is read by up to 24 later concatenations whose selections together cover it:
+    # the pieces left at a concatenation's inputs are gathered once after it, one per dense layer at most
+    assert_no_more_gathers(len(selectors(annotated)), out, record)
+    assert len(selectors(annotated)) == 120 and len(selectors(out)) <= 58 + 4
+    assert sum("regrouped after" in reason for reason in dynamic_reasons(record).values()) > 50
 
 
 def test_efficientnet_b0_selects_the_squeeze_excite_gate():
     model = randomize_batchnorm(torchvision.models.efficientnet_b0())
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     annotated, out, record = collapsed(traced(model, skip=("features.0.0",)), x)
-    assert_only_shared_tensors_keep_selectors(out)
+    assert_only_shared_tensors_keep_selectors(out, x)
     narrowed = {row["name"] for row in record.layers if row["action"] == "narrowed"}
     gates = [n for n, _ in annotated.named_modules() if n.endswith("block.2.fc2")]
     assert gates and all(name in narrowed for name in gates)
     assert params(out) < 0.85 * params(annotated)
+    assert_no_more_gathers(len(selectors(annotated)), out, record)
 
 
 def test_conv1d_batchnorm1d_model_collapses_completely():
@@ -385,6 +431,148 @@ def test_cat_splits_the_selection_by_offsets_and_drops_inputs_with_nothing_kept(
     _, out, _ = collapsed(traced(Concat(), {"last": keep}), torch.randn(2, 3, 5, 5, dtype=torch.float64))
     assert (out.a.out_channels, out.c.out_channels) == (2, 3)
     assert not hasattr(out, "b") and selectors(out) == []
+
+
+class SharedConcat(nn.Module):
+    """a and b are also read whole by `side`, c only by the concatenation that `last` reads a part of."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(3, 5, 1)
+        self.side = nn.Conv2d(10, 2, 1)
+        self.last = nn.Conv2d(15, 2, 1)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        return self.last(torch.relu(torch.cat([a, b, self.c(x)], dim=1))) + self.side(torch.cat([a, b], 1))
+
+
+def test_a_concatenation_gathers_its_inputs_leftover_selections_once_after_it():
+    keep = torch.tensor([0, 2, 5, 9, 10, 13])  # a: 0, 2; b: 1, 5; c: 0, 3
+    annotated, out, record = collapsed(traced(SharedConcat(), {"last": keep}),
+                                       torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    assert out.c.out_channels == 2 and (out.a.out_channels, out.b.out_channels) == (4, 6)
+    (node,) = selectors(out)
+    assert node.args[0].target is torch.cat and keep_of(out, node).tolist() == [0, 2, 5, 9, 10, 11]
+    assert "regrouped after" in dynamic_reasons(record)[node.name] and "1 removed by regrouping" in record.notes[0]
+    assert len(record.notes) == 1
+
+
+class SplitOnInput(nn.Module):
+    """A concatenation or a sum of two functions of the graph input: splitting a selection there can absorb
+    nothing, as both halves reach the input."""
+
+    def __init__(self, combine):
+        super().__init__()
+        self.combine = combine
+        self.first = nn.Conv2d(3, 3, 1)
+        self.last = nn.Conv2d(6 if combine == "cat" else 3, 2, 1)
+
+    def forward(self, x):
+        parts = [torch.relu(x), torch.sigmoid(x)]
+        joined = torch.cat(parts, 1) if self.combine == "cat" else parts[0] + parts[1]
+        return self.last(joined) + self.first(x).sum()
+
+
+@pytest.mark.parametrize("combine, keep", [("cat", [0, 4]), ("add", [0, 2])])
+def test_a_split_that_would_leave_more_selectors_is_not_made(combine, keep):
+    gm = traced(SplitOnInput(combine), {"last": torch.tensor(keep), "first": torch.tensor([1, 2])})
+    annotated, out, record = collapsed(gm, torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    assert len(selectors(annotated)) == 2 and len(selectors(out)) == 2
+    (node,) = [n for n in selectors(out) if n.args[0].op != "placeholder"]
+    assert node.args[0].target in (torch.cat, operator.add) and keep_of(out, node).tolist() == keep
+    assert "would split it into 2 selectors" in dynamic_reasons(record)[node.name]
+    assert "never add a selector" in record.notes[1]
+
+
+class FlattenReaders(nn.Module):
+    """Two heads read parts of the same flattened features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.left, self.right = nn.Linear(8 * 4, 3), nn.Linear(8 * 4, 3)
+
+    def forward(self, x):
+        y = torch.flatten(torch.relu(self.conv(x)), 1)
+        return self.left(y) + self.right(y)
+
+
+def test_a_selector_read_only_by_selectors_is_folded_into_them():
+    keeps = {"left": torch.tensor([0, 5, 9]), "right": torch.tensor([1, 8, 30])}  # channels 0, 1, 2 and 7
+    _, out, record = collapsed(traced(FlattenReaders(), keeps), torch.randn(2, 3, 2, 2, dtype=torch.float64))
+    assert out.conv.out_channels == 4
+    # the union's residual selector after the flatten is folded into the two heads' selectors
+    assert sorted(keep_of(out, n).tolist() for n in selectors(out)) == [[0, 5, 9], [1, 8, 14]]
+    assert all(n.args[0].target is torch.flatten for n in selectors(out)) and "1 removed by" in record.notes[0]
+
+
+class Tokens(nn.Module):
+    """(N, C, L) channels made into tokens (N, L, C) or groups (N, G, C/G, L) around a normalisation."""
+
+    def __init__(self, norm, reshape=None):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 1)
+        self.norm, self.reshape = norm, reshape or (lambda y: y)
+        self.last = nn.Conv1d(8, 2, 1)
+
+    def forward(self, x):
+        return self.last(self.reshape(self.norm(self.conv(x))))
+
+
+def _affine(norm):
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    return norm
+
+
+def test_layer_norm_over_other_dims_lets_the_selection_through():
+    """LayerNorm over L (the last dim) commutes with selecting channels; its weight spans L only."""
+    for norm in (_affine(nn.LayerNorm(5)), Call(lambda y: F.layer_norm(y, (5,)))):
+        _, out, _ = collapsed(traced(Tokens(norm), {"last": torch.tensor([1, 4, 6])}),
+                              torch.randn(2, 3, 5, dtype=torch.float64))
+        assert out.conv.out_channels == 3 and selectors(out) == []
+
+
+def test_layer_norm_over_the_selected_dim_stays_dynamic():
+    norm = Call(lambda y: F.layer_norm(y.transpose(1, 2), (8,)).transpose(1, 2))
+    _, out, record = collapsed(traced(Tokens(norm), {"last": torch.tensor([1, 4, 6])}),
+                               torch.randn(2, 3, 5, dtype=torch.float64))
+    (node,) = selectors(out)
+    assert out.conv.out_channels == 8 and "layer_norm" in dynamic_reasons(record)[node.name]
+
+
+@pytest.mark.parametrize("keep, groups_left, stays", [([2, 3, 6, 7], 2, False), ([0, 3, 6], 3, True),
+                                                      ([0, 2, 4, 6], 4, True)],
+                         ids=["whole-groups", "part-groups", "every-group"])
+def test_group_norm_keeps_whole_groups_and_a_residual_within_them(keep, groups_left, stays):
+    norm = _affine(nn.GroupNorm(4, 8))
+    _, out, _ = collapsed(traced(Tokens(norm), {"last": torch.tensor(keep)}), torch.randn(2, 3, 5, dtype=torch.float64))
+    assert (out.norm.num_groups, out.norm.num_channels) == (groups_left, 2 * groups_left)
+    assert out.conv.out_channels == 2 * groups_left and len(selectors(out)) == int(stays)
+
+
+RESHAPES = {
+    "split L": lambda y: y.view(2, 8, 5, 2).sum(-1),
+    "merge L and 1": lambda y: torch.reshape(y.view(2, 8, 10, 1), (2, 8, 10)),
+    "-1 on channels": lambda y: y.reshape(2, -1, 10),
+}
+
+
+@pytest.mark.parametrize("name", RESHAPES)
+def test_a_reshape_of_other_dims_lets_the_selection_through(name):
+    model = Tokens(nn.Identity(), RESHAPES[name])
+    _, out, _ = collapsed(traced(model, {"last": torch.tensor([1, 4, 6])}), torch.randn(2, 3, 10, dtype=torch.float64))
+    assert out.conv.out_channels == 3 and selectors(out) == []
+
+
+def test_a_reshape_of_the_selected_dim_stays_dynamic():
+    model = Tokens(nn.Identity(), lambda y: y.view(2, 4, 2, 10).flip(2).reshape(2, 8, 10))
+    _, out, record = collapsed(traced(model, {"last": torch.tensor([1, 4, 6])}),
+                               torch.randn(2, 3, 10, dtype=torch.float64))
+    (node,) = selectors(out)
+    assert out.conv.out_channels == 8 and "does not commute" in dynamic_reasons(record)[node.name]
 
 
 class Residual(nn.Module):
@@ -643,7 +831,7 @@ def test_selections_that_cannot_move_stay_dynamic_and_exact():
     assert len(reasons) == 3 and out.conv.out_channels == 8
     assert any("graph input" in r for r in reasons)
     assert any("also read whole" in r and "size" in r for r in reasons)
-    assert any("no commutation rule" in r and "reshape" in r for r in reasons)
+    assert any("does not commute" in r and "reshape" in r for r in reasons)
 
 
 def test_an_in_place_op_on_a_shared_tensor_is_not_crossed():
