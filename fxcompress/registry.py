@@ -37,6 +37,7 @@ class PassInfo:
     target_types: tuple[type[nn.Module], ...] = ()
     needs: tuple[str, ...] | Callable = ()
     check: Callable | None = None
+    output_only: bool = False
     doc: str = ""
     origin: str = field(default="")
 
@@ -47,7 +48,7 @@ _discovered = False
 
 def register_pass(name: str, *, config: type[PassConfig] = PassConfig, exact: bool = False,
                   target_types: tuple[type[nn.Module], ...] = (), needs: tuple[str, ...] | Callable = (),
-                  check: Callable | None = None):
+                  check: Callable | None = None, output_only: bool = False):
     """Register `run(gm, ctx, config) -> gm` as the pass `name`.
 
     `exact` declares the pass function-preserving: `verify` mode then checks it in float64.
@@ -55,7 +56,8 @@ def register_pass(name: str, *, config: type[PassConfig] = PassConfig, exact: bo
     runs: data streams (`"calibration"`, `"train"`, `"eval"`) and earlier passes (`"pass:sensitivity"`), or a
     function of the config returning them: both are checked before any work starts. `check(gm, config)`,
     if given, validates the configuration against the traced model before any pass runs (raise ValueError
-    with a message saying what to change).
+    with a message saying what to change). `output_only` marks a pass that writes something and returns the
+    graph unchanged (e.g. export_onnx): verify mode does not re-run it on a float64 copy.
     """
     if not isinstance(config, type) or not issubclass(config, PassConfig):
         raise TypeError(f"config of pass {name!r} must subclass fxcompress.PassConfig")
@@ -63,6 +65,7 @@ def register_pass(name: str, *, config: type[PassConfig] = PassConfig, exact: bo
     def decorate(fn: Callable) -> Callable:
         _REGISTRY[name] = PassInfo(name=name, run=fn, config=config, exact=exact, target_types=target_types,
                                    needs=needs if callable(needs) else tuple(needs), check=check,
+                                   output_only=output_only,
                                    doc=(fn.__doc__ or "").strip(), origin=fn.__module__)
         return fn
     return decorate

@@ -21,7 +21,7 @@ class ExportOnnxConfig(PassConfig):
     latency_repeats: int = Field(20, ge=1, description="timed runs per batch size (the median is reported)")
 
 
-@register_pass("export_onnx", config=ExportOnnxConfig, exact=True)
+@register_pass("export_onnx", config=ExportOnnxConfig, exact=True, output_only=True)
 def export_onnx(gm, ctx, config):
     """Export to ONNX (dynamo exporter, dynamic batch), verified in onnxruntime, written atomically."""
     path = Path(config.path)

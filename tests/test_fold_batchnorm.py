@@ -51,10 +51,12 @@ def test_batchnorm_after_a_shared_tensor_is_not_folded():
     torch.testing.assert_close(result.model(x), model(x))
 
 
-def test_verify_mode_checks_fold_batchnorm_on_a_float32_model():
+def test_verify_mode_checks_fold_batchnorm_on_a_float32_model_and_exports(tmp_path):
     model = randomize_batchnorm(ConvBN1d()).eval()
-    recipe = {"fxcompress": 1, "input_shape": [2, 3, 16], "verify": True, "passes": ["fold_batchnorm"]}
-    result = fxcompress.compress(model, recipe, progress=False)
-    assert result.report.passes[0].verified is True
+    recipe = {"fxcompress": 1, "input_shape": [2, 3, 16], "verify": True,
+              "passes": ["fold_batchnorm", {"export_onnx": {"path": "m.onnx"}}]}
+    result = fxcompress.compress(model, recipe, progress=False, output_dir=tmp_path)
+    assert [p.verified for p in result.report.passes] == [True, None]
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
     assert not any(isinstance(m, nn.BatchNorm1d) for m in result.model.modules())
     assert next(result.model.parameters()).dtype == torch.float32
