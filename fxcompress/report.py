@@ -73,9 +73,10 @@ class Report:
         lines = [f"fxcompress report for {self.model}", "", "passes:", _text_table(self._PASS_HEAD, self._pass_rows()),
                  "", "layers:", _text_table(self._LAYER_HEAD, self._layer_rows()), "",
                  _totals_line(t)]
+        lines += [f"{key}: {value}" for key, value in self.metrics.items() if not _is_table(value)]
         for key, value in self.metrics.items():
-            lines += ["", f"{key}:", _text_table(list(value[0]), [list(r.values()) for r in value])] \
-                if _is_table(value) else [f"{key}: {value}"]
+            if _is_table(value):
+                lines += ["", f"{key}:", _text_table(list(value[0]), [list(r.values()) for r in value])]
         notes = [f"  [{p.name}] {n}" for p in self.passes for n in p.notes]
         if notes:
             lines += ["", "notes:", *notes]
@@ -85,9 +86,10 @@ class Report:
         t = self.totals()
         parts = [f"# fxcompress report: {self.model}", "", "## Passes", "", _md_table(self._PASS_HEAD, self._pass_rows()),
                  "", "## Layers", "", _md_table(self._LAYER_HEAD, self._layer_rows()), "", _totals_line(t)]
+        parts += [f"- {key}: {value}" for key, value in self.metrics.items() if not _is_table(value)]
         for key, value in self.metrics.items():
-            parts += ["", f"**{key}**", "", _md_table(list(value[0]), [list(r.values()) for r in value]), ""] \
-                if _is_table(value) else [f"- {key}: {value}"]
+            if _is_table(value):
+                parts += ["", f"**{key}**", "", _md_table(list(value[0]), [list(r.values()) for r in value])]
         notes = [f"- **{p.name}**: {n}" for p in self.passes for n in p.notes]
         if notes:
             parts += ["", "## Notes", "", *notes]
