@@ -156,3 +156,15 @@ def test_markdown_report_has_each_pass_layer_records():
     header = section.strip().splitlines()[0]
     assert "name" in header and "rank" in header and "params_after" in header
     assert "| fc1 |" in section and "| fc2 |" in section
+
+
+def test_demo_trains_compresses_and_exports(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    assert {"weights.pt", "model.pt", "model.onnx", "report.json", "report.md", "recipe.yaml"} <= \
+        {p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    metrics = report["metrics"]
+    assert metrics["accuracy_before"] > 0.95 and metrics["accuracy_after"] >= metrics["accuracy_before"] - 0.01
+    assert report["passes"][1]["params_after"] < 0.5 * report["passes"][0]["params_before"]
+    assert "onnx_latency" in capsys.readouterr().out
