@@ -273,20 +273,38 @@ def test_flatten_moves_the_touched_channels_and_keeps_a_residual_feature_selecto
     assert "does not commute" in dynamic_reasons(record)[residual.name]
 
 
-@pytest.mark.parametrize("name", ["lenet5", "resnet18"])
+def onnx_case(name):
+    """(model, float32 input, keeps, skipped layers) of each whole-model test, for the ONNX export check."""
+    first = {"resnet18": "conv1", "mobilenet_v2": "features.0.0", "densenet121": "features.conv0",
+             "efficientnet_b0": "features.0.0"}
+    if name in first:
+        size = 64 if name in ("resnet18", "mobilenet_v2") else 32
+        model = randomize_batchnorm(getattr(torchvision.models, name)())
+        return model, torch.randn(1, 3, size, size), None, (first[name],)
+    return {
+        "mlp": lambda: (MLP(), torch.randn(4, 20), None, ("fc1",)),
+        "lenet5": lambda: (LeNet5(), torch.randn(1, 1, 28, 28),
+                           {"conv2": random_half(20, 1), "fc1": channel_block_features(random_half(50, 4), 49)}, ()),
+        "conv1d": lambda: (randomize_batchnorm(ConvBN1d()), torch.randn(3, 3, 16),
+                           {"fc": channel_block_features(torch.tensor([1, 4, 6]), 16), "out": random_half(20, 3)}, ()),
+        "flatten_linear": lambda: (ConvFlattenLinear(), torch.randn(2, 3, 4, 4),
+                                   {"fc": torch.tensor([0, 5, 15, 35, 80, 89])}, ()),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet5", "resnet18", "mobilenet_v2", "densenet121", "efficientnet_b0",
+                                  "conv1d", "flatten_linear"])
 def test_collapsed_models_export_to_onnx_and_match(name, tmp_path):
-    if name == "lenet5":
-        model, x, keeps, skip = LeNet5(), torch.randn(1, 1, 28, 28), \
-            {"conv2": random_half(20, 1), "fc1": channel_block_features(random_half(50, 4), 49)}, ()
-    else:
-        model, x, keeps, skip = randomize_batchnorm(torchvision.models.resnet18()), torch.randn(1, 3, 64, 64), \
-            None, ("conv1",)
+    model, x, keeps, skip = onnx_case(name)
     gm = traced(model, keeps, skip, dtype=torch.float32)
     out, _ = run_collapse(gm, x)
+    assert params(out) < params(model)
     result = export_onnx(out, (x,), tmp_path / f"{name}.onnx")
     assert result.max_abs_error is not None and result.max_abs_error < 1e-3
     gathers = sum(n.op_type == "Gather" for n in onnx.load(result.path).graph.node)
-    assert gathers == len(selectors(out)) == (0 if name == "lenet5" else 16)
+    assert gathers == len(selectors(out))
+    if name in ("mlp", "lenet5", "conv1d"):
+        assert gathers == 0
 
 
 def test_collapse_runs_from_a_recipe_and_verifies_as_exact():
