@@ -14,6 +14,8 @@ No fine-tuning anywhere.  Data: the MNIST test set (10k images) found under ``--
 by ``fxcompress.data`` (``split: train`` trains and calibrates, ``split: test`` is reported).
 
     python benchmarks/selection_pareto.py --root /work/shared/data/mnist
+
+Data loading, training and parameter counting are shared with ``lowrank_vs_selection.py`` in ``_mnist.py``.
 """
 from __future__ import annotations
 
@@ -25,27 +27,11 @@ import torch
 import torch_pruning as tp
 
 import fxcompress
-from fxcompress.data import load_source
-from fxcompress.models import LeNet300
-from fxcompress.recipe import DataSource
+from _mnist import collapsed, params, trained_lenet300
 from fxcompress.selector import select_inputs
-from fxcompress.training import accuracy, train
+from fxcompress.training import accuracy
 
 KEEP = (0.75, 0.5, 0.3, 0.2, 0.1, 0.05)
-
-
-def mnist(root: str, split: str, batch_size: int, shuffle: bool = False):
-    spec = DataSource(source="mnist", root=root, split=split, batch_size=batch_size, shuffle=shuffle)
-    return load_source(spec, [1, 784])
-
-
-def params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def collapsed(gm):
-    recipe = {"fxcompress": 1, "input_shape": [1, 784], "passes": ["collapse"]}
-    return fxcompress.compress(gm, recipe, progress=False).model
 
 
 def reconstruction(model, keep: float, calibration):
@@ -78,15 +64,9 @@ def main() -> None:
     parser.add_argument("--root", default="/work/shared/data/mnist")
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    train_batches, test = mnist(args.root, "train", 64, shuffle=True), mnist(args.root, "test", 500)
-    calibration = mnist(args.root, "train", 500)
-    model = LeNet300(784)
-    start = time.perf_counter()
-    train(model, train_batches, epochs=args.epochs, lr=0.05, optimizer="sgd", shuffle=True, progress=False)
-    model.eval()
-    print(f"LeNet-300-100, {args.epochs} epochs on 8k MNIST images ({time.perf_counter() - start:.0f} s): "
-          f"test accuracy {accuracy(model, test):.4f} on 2k images, {params(model):,} parameters\n")
+    trained = trained_lenet300(args.root, args.epochs)
+    model, test, calibration = trained.model, trained.test, trained.calibration
+    print(trained.describe() + "\n")
     print("| hidden neurons kept | fc1/fc2 neurons | params | reconstruction | magnitude | torch-pruning | "
           "selection time (s) |")
     print("|---|---|---|---|---|---|---|")
