@@ -5,6 +5,7 @@ A YAML recipe lists passes; `compress` traces a model, validates the recipe agai
 from .errors import DataError, FxCompressError, RecipeError, TraceError, VerificationError
 from .registry import PassConfig, TargetedConfig, available_passes, register_pass
 from .context import PassContext, register_analysis
+from .graph.channels import channel_groups
 from .graph.spectrum import layer_spectra, write_spectrum
 from .trace import trace
 from .recipe import Recipe, load_recipe
@@ -14,6 +15,6 @@ from .api import CompressionResult, compress, load, save
 __version__ = "0.1.0"
 
 __all__ = ["CompressionResult", "DataError", "FxCompressError", "PassConfig", "PassContext", "Recipe",
-           "RecipeError", "TargetedConfig", "TraceError", "VerificationError", "available_passes", "compress",
-           "export_onnx", "layer_spectra", "load", "load_recipe", "register_analysis", "register_pass", "save",
-           "trace", "write_spectrum"]
+           "RecipeError", "TargetedConfig", "TraceError", "VerificationError", "available_passes", "channel_groups",
+           "compress", "export_onnx", "layer_spectra", "load", "load_recipe", "register_analysis", "register_pass",
+           "save", "trace", "write_spectrum"]
