@@ -12,7 +12,6 @@ from fxcompress.cli import main
 from fxcompress.graph.channels import ChannelAnalysis, channel_groups, reshape_segments
 from fxcompress.models import LeNet5, LeNet300
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 IMAGE = (torch.randn(1, 3, 64, 64),)
 

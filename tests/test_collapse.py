@@ -24,7 +24,6 @@ from fxcompress.selector import (Commutation, Selection, Selector, narrow_tensor
                                  select_inputs)
 from conftest import ConvBN1d, randomize_batchnorm
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 

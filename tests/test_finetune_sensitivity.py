@@ -28,7 +28,6 @@ EVAL = "  eval: {source: digits, split: test, batch_size: 256}"
 BOTH = TRAIN + "\n" + EVAL
 USER_LOSS_CALLS: list[int] = []
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def predict_class_zero(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -44,12 +43,7 @@ def trained():
     model = LeNet300(64)
     batches = load_source(DataSource(source="digits", split="train", batch_size=64, shuffle=True))
     test = load_source(DataSource(source="digits", split="test", batch_size=256))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(model, batches, epochs=15, lr=0.1, optimizer="sgd", progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    train(model, batches, epochs=15, lr=0.1, optimizer="sgd", progress=False)
     assert accuracy(model, test) > 0.95
     return model, test
 

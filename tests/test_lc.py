@@ -20,7 +20,6 @@ from fxcompress.lc.csteps import (CStep, available_csteps, csr_bits, kmeans1d_ex
 from fxcompress.lc.modules import CodebookConv2d, CodebookLinear, from_module
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sqerr(a, b):
@@ -430,8 +429,6 @@ def mlp():
     X, y = torch.tensor(X, dtype=torch.float32) / 16.0, torch.tensor(y)
     perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
     train, test = perm[:1400], perm[1400:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -440,7 +437,6 @@ def mlp():
             opt.zero_grad()
             cross_entropy(model, batch).backward()
             opt.step()
-    torch.set_num_threads(threads)
     return model, (X, y, train, test)
 
 

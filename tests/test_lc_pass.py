@@ -19,7 +19,6 @@ from fxcompress.recipe import DataSource
 from fxcompress.training import accuracy, train
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

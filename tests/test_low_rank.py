@@ -25,15 +25,6 @@ from fxcompress.stats import collect_stats
 from fxcompress.training import accuracy, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core machine: one intra-op thread avoids contention slowdowns."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def with_spectrum(m, n, singular_values, seed=0):
     """An m x n float64 matrix U diag(s) V^T with random orthonormal U, V and the given spectrum."""
     g = torch.Generator().manual_seed(seed)

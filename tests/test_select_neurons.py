@@ -1,7 +1,6 @@
 """Tests of the `select_neurons` pass (seed 003 §2.4-2.7) and its shipped recipes."""
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -17,7 +16,6 @@ from fxcompress.recipe import DataSource
 from fxcompress.selector import Selector, select_inputs
 from fxcompress.training import accuracy, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIGITS_CALIBRATION = {"source": "digits", "split": "train", "batch_size": 256}
 
@@ -26,25 +24,12 @@ def digits(split, input_shape=(1, 64), batch_size=256, shuffle=False):
     return load_source(DataSource(source="digits", split=split, batch_size=batch_size, shuffle=shuffle), input_shape)
 
 
-@contextlib.contextmanager
-def single_thread():
-    """The `one_thread` fixture for module-scoped fixtures."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def lenet300():
     """LeNet-300-100 on 8x8 digits (64 inputs), trained for a few epochs, and its test batches."""
     torch.manual_seed(0)
     model = LeNet300(64)
-    with single_thread():
-        train(model, digits("train", batch_size=64, shuffle=True), epochs=5, lr=0.1, optimizer="sgd",
-              progress=False)
+    train(model, digits("train", batch_size=64, shuffle=True), epochs=5, lr=0.1, optimizer="sgd", progress=False)
     test = digits("test")
     assert accuracy(model, test) > 0.95
     return model.eval(), test
@@ -168,9 +153,7 @@ def test_debias_equals_least_squares_on_the_support():
 @pytest.fixture(scope="module")
 def chained(lenet300):
     model, _ = lenet300
-    with single_thread():
-        return {mode: select(model, {"keep": 0.3, "chaining": mode}).model
-                for mode in ("parallel", "top_down", "bottom_up")}
+    return {mode: select(model, {"keep": 0.3, "chaining": mode}).model for mode in ("parallel", "top_down", "bottom_up")}
 
 
 def test_parallel_fits_each_layer_on_the_original_network(lenet300, chained):

@@ -23,7 +23,6 @@ zoo = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = zoo  # its dataclasses look their module up there
 _spec.loader.exec_module(zoo)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 FULL_ZOO = [name for name in zoo.zoo_models() if name not in zoo.CI_SUBSET]
 
