@@ -42,3 +42,19 @@ def randomize_batchnorm(model: nn.Module) -> nn.Module:
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """LeNet-300-100 on 8x8 digits (64 inputs), trained for 15 epochs, and its test batches (tests copy it)."""
+    from fxcompress.data import load_source
+    from fxcompress.models import LeNet300
+    from fxcompress.recipe import DataSource
+    from fxcompress.training import accuracy, train
+    torch.manual_seed(0)
+    model = LeNet300(64)
+    batches = load_source(DataSource(source="digits", split="train", batch_size=64, shuffle=True))
+    test = load_source(DataSource(source="digits", split="test", batch_size=256))
+    train(model, batches, epochs=15, lr=0.1, optimizer="sgd", progress=False)
+    assert accuracy(model, test) > 0.95
+    return model, test

@@ -14,7 +14,7 @@ from fxcompress.data import load_source
 from fxcompress.models import LeNet300
 from fxcompress.passes.sensitivity import Budget, Level, choose_levels
 from fxcompress.recipe import DataSource
-from fxcompress.training import accuracy, train
+from fxcompress.training import accuracy
 
 HEADER = """fxcompress: 1
 model: lenet300
@@ -34,18 +34,6 @@ def predict_class_zero(outputs: torch.Tensor, target: torch.Tensor) -> torch.Ten
     """A user loss (`package.module:function`) that ignores the labels: it trains towards class 0."""
     USER_LOSS_CALLS.append(len(target))
     return F.cross_entropy(outputs, torch.zeros_like(target))
-
-
-@pytest.fixture(scope="module")
-def trained():
-    """LeNet-300-100 on 8x8 digits (64 inputs), trained briefly (on one thread), and its test batches."""
-    torch.manual_seed(0)
-    model = LeNet300(64)
-    batches = load_source(DataSource(source="digits", split="train", batch_size=64, shuffle=True))
-    test = load_source(DataSource(source="digits", split="test", batch_size=256))
-    train(model, batches, epochs=15, lr=0.1, optimizer="sgd", progress=False)
-    assert accuracy(model, test) > 0.95
-    return model, test
 
 
 def recipe(passes: str, data: str = BOTH) -> str:

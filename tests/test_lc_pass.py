@@ -11,26 +11,12 @@ from torch import nn
 import fxcompress
 import fxcompress.passes.lc  # noqa: F401  (registers the pass)
 from fxcompress import RecipeError
-from fxcompress.data import load_source
 from fxcompress.export import export_onnx
 from fxcompress.lc.modules import CodebookLinear
 from fxcompress.models import LeNet300
-from fxcompress.recipe import DataSource
-from fxcompress.training import accuracy, train
+from fxcompress.training import accuracy
 
 
-
-
-@pytest.fixture(scope="module")
-def trained():
-    """LeNet-300-100 on 8x8 digits (64 inputs), trained briefly, and its test batches."""
-    torch.manual_seed(0)
-    model = LeNet300(64)
-    batches = load_source(DataSource(source="digits", split="train", batch_size=64, shuffle=True))
-    test = load_source(DataSource(source="digits", split="test", batch_size=256))
-    train(model, batches, epochs=15, lr=0.1, optimizer="sgd", progress=False)
-    assert accuracy(model, test) > 0.95
-    return model, test
 
 
 def run(model, recipe, tmp_path, **changes):
