@@ -133,6 +133,28 @@ def test_auto_is_newton_and_reaches_tolerance():
     assert res.solver == "newton" and res.converged and res.rel_gap <= 1e-6
 
 
+def test_newton_hands_over_to_bcd_when_its_hessian_turns_indefinite(monkeypatch):
+    from fxcompress.solvers import group_lasso as module
+    X, Y = samples(seed=2)
+    R, B, ryy = gram(X, Y)
+    lam = 0.2 * lambda_max(R, B)
+    reference = group_lasso(R, B, lam, ryy=ryy, solver="fista", tol=1e-9)
+    steps = []
+
+    def indefinite_after_one_step(point, lam):
+        steps.append(1)
+        if len(steps) > 1:
+            raise module._Indefinite("matrix is not positive definite, even with jitter")
+        return real_step(point, lam)
+
+    real_step = module._newton_step
+    monkeypatch.setattr(module, "_newton_step", indefinite_after_one_step)
+    res = group_lasso(R, B, lam, ryy=ryy)
+    assert len(steps) == 2 and res.solver == "bcd" and res.converged
+    assert res.objective == pytest.approx(reference.objective, rel=1e-6)
+    assert torch.equal(res.support, reference.support)
+
+
 def test_duality_gap_bounds_the_suboptimality():
     X, Y = samples(d=24, bias=True, seed=3)
     R, B, ryy = gram(X, Y)

@@ -214,6 +214,10 @@ def support_columns(support: Tensor, groups: Optional[Tensor] = None) -> Tensor:
 # linear algebra helpers
 
 
+class _Indefinite(RuntimeError):
+    """A matrix that should be positive definite is not, even after jitter (severe ill-conditioning)."""
+
+
 def _cholesky(A: Tensor) -> Tensor:
     """Cholesky factor of a symmetric positive definite matrix, with a tiny jitter if rounding
     made it numerically indefinite."""
@@ -222,7 +226,7 @@ def _cholesky(A: Tensor) -> Tensor:
     jitter = 1e-14 * max(scale, 1e-300)
     while int(info) != 0:
         if jitter > 1e-6 * max(scale, 1e-300):
-            raise RuntimeError("matrix is not positive definite, even with jitter")
+            raise _Indefinite("matrix is not positive definite, even with jitter")
         L, info = torch.linalg.cholesky_ex(A + jitter * torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
         jitter *= 100
     return L
@@ -678,12 +682,23 @@ def _solve_newton(prob, lam, Mp0, tol, max_iter, report, **_) -> _Outcome:
         dropped = _screen(point.prob, cert, lam)
         if bool(dropped.any()):
             point = _EtaPoint(point.prob.restrict(~dropped), point.eta[~dropped], lam)
-        point = _newton_step(point, lam)
+        try:
+            point = _newton_step(point, lam)
+        except _Indefinite:
+            return _continue_with_bcd(best, lam, tol, report)
         if point is None:
             break
         it += 1
     best.iterations = it
     return best
+
+
+def _continue_with_bcd(best: _Outcome, lam: float, tol: float, report) -> _Outcome:
+    """Finish with block coordinate descent from Newton's best iterate when its Hessian became numerically
+    indefinite (seen on the rank-deficient statistics of large convolutions with few calibration samples)."""
+    out = _solve_bcd(best.prob, lam, best.Mp, tol, 2000, report)
+    out.iterations += best.iterations
+    return out if out.cert.gap <= best.cert.gap else best
 
 
 # ----------------------------------------------------------------------------------------------
