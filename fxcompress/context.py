@@ -75,6 +75,8 @@ class PassContext:
 
     `calibration`, `train` and `eval` are re-iterable collections of batches (see `split_batch`).
     `state` is free-form storage for passes that hand results to later passes (e.g. sensitivity -> low_rank).
+    `original`, set by `fxcompress.compress`, returns a fresh trace of the user's unchanged model (traced only when a
+    pass asks, e.g. export_onnx timing the original against the compressed model).
     """
 
     def __init__(self, *, example_inputs: tuple, calibration=None, train=None, eval=None, seed: int = 0,
@@ -93,7 +95,7 @@ class PassContext:
         self.resume = resume
         self.report = Report()
         self.state: dict[str, Any] = {}
-        self.original: fx.GraphModule | None = None
+        self.original: Callable[[], fx.GraphModule] | None = None
         self.current: PassRecord | None = None
         self._cache: dict[str, Any] = {}
         self._cache_key: tuple | None = None

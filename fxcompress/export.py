@@ -125,14 +125,16 @@ def onnx_latency(path: str | Path, inputs: tuple, *, warmup: int = 3, repeats: i
 
 
 def compare_latency(original: nn.Module, compressed_onnx: str | Path, example_inputs: tuple, *,
-                    batches: tuple[int, ...] = (1, 32), warmup: int = 3, repeats: int = 20,
-                    seed: int = 0) -> list[dict]:
+                    macs: tuple[int, int], batches: tuple[int, ...] = (1, 32), warmup: int = 3,
+                    repeats: int = 20, seed: int = 0) -> list[dict]:
     """onnxruntime latency of `original` (exported to a temporary file) and of `compressed_onnx`.
 
     Both run on the same random inputs per batch size (the exports have a dynamic batch), alternating
     original / compressed after `warmup` runs each; the medians of `repeats` runs are compared. One row
-    per batch size: ``{batch, original_ms, compressed_ms, speedup}``.
+    per batch size: ``{batch, original_ms, compressed_ms, speedup, macs_ratio}``, the last from
+    ``macs = (MACs of the original, MACs of the compressed model)``.
     """
+    macs_ratio = round(macs[0] / macs[1], 3) if macs[1] else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         reference = export_onnx(original, example_inputs, Path(tmp) / "original.onnx", verify=False,
@@ -142,5 +144,6 @@ def compare_latency(original: nn.Module, compressed_onnx: str | Path, example_in
             before = onnx_latency(reference, inputs, warmup=warmup, repeats=repeats)
             after = onnx_latency(compressed_onnx, inputs, warmup=warmup, repeats=repeats)
             rows.append({"batch": batch, "original_ms": round(before * 1e3, 4),
-                         "compressed_ms": round(after * 1e3, 4), "speedup": round(before / after, 3)})
+                         "compressed_ms": round(after * 1e3, 4), "speedup": round(before / after, 3),
+                         "macs_ratio": macs_ratio})
     return rows

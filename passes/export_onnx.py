@@ -41,13 +41,11 @@ def record_latency(gm, ctx, onnx_path, batches, repeats) -> None:
     """Put onnxruntime latency of the original vs the exported model, beside the MACs ratio, in the report."""
     if ctx.original is None:
         raise FxCompressError("latency needs the original model: run the pass through fxcompress.compress")
-    rows = compare_latency(ctx.original, onnx_path, ctx.example_inputs, batches=tuple(batches),
+    macs = (sum(row["macs"] for row in ctx.report.layers_before), sum(c.macs for c in ctx.analysis("cost", gm)))
+    rows = compare_latency(ctx.original(), onnx_path, ctx.example_inputs, macs=macs, batches=tuple(batches),
                            repeats=repeats, seed=ctx.seed)
-    macs_before = sum(row["macs"] for row in ctx.report.layers_before)
-    macs_after = sum(c.macs for c in ctx.analysis("cost", gm))
-    macs_ratio = round(macs_before / macs_after, 3) if macs_after else None
     for row in rows:
-        row["macs_ratio"] = macs_ratio
         ctx.note(f"onnxruntime latency at batch {row['batch']}: original {row['original_ms']:.3f} ms, "
-                 f"compressed {row['compressed_ms']:.3f} ms (speedup x{row['speedup']}, MACs ratio x{macs_ratio})")
+                 f"compressed {row['compressed_ms']:.3f} ms (speedup x{row['speedup']}, "
+                 f"MACs ratio x{row['macs_ratio']})")
     ctx.report.metrics["onnx_latency"] = rows
