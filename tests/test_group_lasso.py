@@ -457,3 +457,49 @@ def test_blockwise_low_rank_path_reaches_the_reference_optimum(monkeypatch):
     assert abs(fast.objective - ref.objective) <= 1e-6 * ref.objective
     assert torch.equal(fast.support, ref.support) and torch.equal(fast_keep.support, ref_keep.support)
     assert abs(fast_keep.objective - ref_keep.objective) <= 1e-6 * ref_keep.objective
+
+
+def _few_sample_conv_problem(n=20, channels=30, per_channel=4, h=40, seed=0):
+    """The statistics of a convolution seen on few rows: d = channels * per_channel + 1 columns (a bias
+    column last) from n < d/2 rows, so Rxx has rank <= n; the target is the layer's own output (B = W R)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, channels * per_channel, generator=g, dtype=torch.float64).relu()
+    X = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1)
+    W = torch.randn(h, X.shape[1], generator=g, dtype=torch.float64)
+    R = X.T @ X / n
+    groups = torch.cat([torch.arange(channels * per_channel) // per_channel, torch.tensor([-1])])
+    return R, W @ R, groups
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.05])
+def test_low_rank_newton_reaches_the_dense_and_fista_optimum(fraction, monkeypatch):
+    """With rank Rxx < d/2 Newton works on the factor R = F F^T and on the k <= rank output
+    directions of B (reductions 3-4); it reaches the optimum of dense Newton and of FISTA."""
+    import fxcompress.solvers.group_lasso as gl
+    R, B, groups = _few_sample_conv_problem()
+    prob = gl._prepare(R, B, groups, None)
+    assert prob.F is not None and prob.F.shape[1] <= 20
+    assert prob.outputs is not None and prob.B.shape[0] <= 21 < B.shape[0]
+    lam = fraction * lambda_max(R, B, groups)
+    fast = group_lasso(R, B, lam, groups, tol=1e-10)
+    fista = group_lasso(R, B, lam, groups, solver="fista", tol=1e-10, max_iter=200000)
+    monkeypatch.setattr(gl, "_pivoted_factor", lambda A: None)
+    dense = group_lasso(R, B, lam, groups, tol=1e-10)
+    assert fast.converged and dense.converged and fista.converged
+    for other in (dense, fista):
+        assert abs(fast.objective - other.objective) <= 1e-8 * other.objective
+        assert torch.equal(fast.support, other.support)
+    assert 0 < int(fast.support.sum()) < 30
+    torch.testing.assert_close(fast.M, dense.M, atol=1e-5 * float(dense.M.abs().max()), rtol=0)
+
+
+def test_search_completes_keep_where_the_path_saturates():
+    """With 12 rows and 3 columns per channel the path's support stops growing long before 25 of 40
+    channels: the search stops there (no solves at rounding-level lam) and completes the support by
+    the least-squares fit's norms, marking the result tie-broken."""
+    R, B, groups = _few_sample_conv_problem(n=12, channels=40, per_channel=3, h=20, seed=4)
+    calls = []
+    res = search_lambda(R, B, 25, groups, progress=lambda info: calls.append(info["iteration"]))
+    assert int(res.support.sum()) == 25 and res.tie_broken
+    assert res.lam > 1e-8 * lambda_max(R, B, groups)
+    assert calls.count(0) < 40

@@ -22,6 +22,12 @@ Reduction shared by every solver
    ``B' = B_p - B_u R_uu^+ R_up``: a residualised (for a bias column: centred) covariance, which is
    much better conditioned than the raw second moment.  Every returned ``M`` carries the optimal
    ``M_u`` for its ``M_p``, so unpenalised columns are never zeroed.
+3. *Low rank* (``search_lambda``, ``group_lasso``): statistics of fewer calibration rows than
+   columns (large convolutions on few images) have ``rank R' = r < d'``; a pivoted Cholesky gives
+   ``R' = F F^T`` (d' x r) and the Newton solver works with ``F`` (``_EtaPoint``).
+4. *Output space* (with 3): ``M`` only ever needs the directions of the column space of ``B``
+   (``_output_basis``), so with ``B' = W R'`` the h outputs reduce exactly to at most ``r`` (plus
+   the unpenalised columns) orthonormal combinations of them.
 
 Duality gap (the stopping rule of every solver)
 -----------------------------------------------
@@ -111,6 +117,8 @@ _DEFAULT_MAX_ITER = {"newton": 100, "bcd": 2000, "fista": 20000, "pgd": 20000, "
 _F64 = torch.float64
 _DEAD = 1e-13  # a column whose (residualised) variance is below _DEAD * max variance is dead
 _ROUNDING = 1e-13  # relative changes of psi below this are rounding noise
+_SEARCH_NEWTON_ITER = 30  # Newton converges in ~5-15 iterations; a solve of the search past 30 has saturated
+_PLATEAU = 6  # halvings of lam with an unchanged support size that end the search for a lower bracket
 
 
 @dataclass
@@ -264,26 +272,44 @@ def _psd_solve(A: Tensor, rhs: Tensor) -> Tensor:
     return torch.cat(out)
 
 
+def _pivoted_factor(A: Tensor) -> Optional[Tensor]:
+    """``F`` (n x r) with ``A = F F^T`` to rounding, for a symmetric PSD ``A`` of numerical rank
+    ``r < n/2``; None when the rank is larger (or the factorisation fails).
+
+    On the CPU a pivoted Cholesky (LAPACK ``pstrf``) stopped once every remaining pivot is below
+    ``n eps max_i A_ii`` (the rounding level of a Schur-complemented Gram matrix): ``P A P^T = L L^T
+    + S`` with ``tr(S) <= n^2 eps max_i A_ii``, in O(n r^2).  On other devices the eigenpairs above
+    ``n eps lambda_max``."""
+    n = A.shape[0]
+    if n < 2:
+        return None
+    if A.device.type != "cpu":
+        w, V = torch.linalg.eigh(A)
+        big = w > n * torch.finfo(A.dtype).eps * float(w.max().clamp_min(0))
+        rank = int(big.sum())
+        return V[:, big] * w[big].sqrt() if 0 < rank < n // 2 else None
+    scale = float(A.diagonal().max())
+    c, piv, rank, info = lapack.dpstrf(A.numpy(), tol=n * torch.finfo(A.dtype).eps * scale, lower=1)
+    if info < 0 or rank >= n // 2 or rank == 0:
+        return None
+    F = torch.zeros(n, rank, dtype=A.dtype)
+    F[torch.as_tensor(piv, dtype=torch.long) - 1] = torch.from_numpy(c[:, :rank]).tril()
+    return F
+
+
 def _range_eigh(A: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenpairs ``(w, V)`` of a symmetric PSD ``A`` spanning its numerical range; for the
     pseudo-inverse, where eigenvalues below ``n eps lambda_max`` are dropped anyway.
 
-    On the CPU a pivoted Cholesky (LAPACK ``pstrf``) stopped once every remaining pivot is below
-    ``eps lambda_max`` gives ``P A P^T = L L^T + S`` with ``L`` n x r and ``lambda_max(S) <= n eps
-    lambda_max``; the eigenpairs of ``L L^T`` come from the r x r matrix ``L^T L = U diag(w) U^T``
-    as ``V = L U w^{-1/2}``.  For the rank-r statistics of few calibration samples that is
-    O(n r^2) instead of the O(n^3) of a full eigendecomposition, which remains the fallback (on
-    other devices, or when the rank exceeds n/2)."""
-    if A.device.type != "cpu" or A.shape[0] < 2:
+    For the low-rank statistics of few calibration samples the eigenpairs of ``F F^T``
+    (:func:`_pivoted_factor`) come from the r x r matrix ``F^T F = U diag(w) U^T`` as
+    ``V = F U w^{-1/2}``: O(n r^2) instead of the O(n^3) of a full eigendecomposition, which remains
+    the fallback when the rank exceeds n/2."""
+    F = _pivoted_factor(A) if A.device.type == "cpu" else None
+    if F is None:
         return torch.linalg.eigh(A)
-    scale = float(A.diagonal().max())
-    c, piv, rank, info = lapack.dpstrf(A.numpy(), tol=torch.finfo(A.dtype).eps * scale, lower=1)
-    if info < 0 or rank >= A.shape[0] // 2:
-        return torch.linalg.eigh(A)
-    L = torch.zeros(A.shape[0], rank, dtype=A.dtype)
-    L[torch.as_tensor(piv, dtype=torch.long) - 1] = torch.from_numpy(c[:, :rank]).tril()
-    w, U = torch.linalg.eigh(L.T @ L)
-    V = (L @ U) / w.clamp_min(torch.finfo(A.dtype).tiny).sqrt()
+    w, U = torch.linalg.eigh(F.T @ F)
+    V = (F @ U) / w.clamp_min(torch.finfo(A.dtype).tiny).sqrt()
     return w, V
 
 
@@ -317,16 +343,18 @@ def _lipschitz(R: Tensor) -> float:
 class _Reduced:
     """The problem on the alive penalised columns after the Schur reduction (module docstring).
 
-    ``R`` (d' x d') and ``B`` (h x d') define the quadratic; ``grp`` maps the d' columns to compact
-    groups ``0..n_groups-1`` whose original ids are ``group_ids``; ``cols`` are the original column
-    indices; ``ucols``/``Z``/``Bu`` recover the unpenalised block, ``M_u = Bu - M_p Z^T``;
-    ``block_bound[g] = tr(R_gg) >= lambda_max(R_gg)``; ``fit`` holds the least-squares fit of the
-    unrestricted problem and the consistent ``c`` of the gap, computed on first use, and
-    ``fit_cols`` are this problem's columns of it (restricted problems keep their columns of the
-    fit: it only seeds the Newton solver).
+    ``R`` (d' x d', the unrestricted ``base_R`` on this problem's ``base_cols``) and ``B`` (h x d')
+    define the quadratic; ``grp`` maps the d' columns to compact groups ``0..n_groups-1`` whose
+    original ids are ``group_ids``; ``cols`` are the original column indices; ``ucols``/``Z``/``Bu``
+    recover the unpenalised block, ``M_u = Bu - M_p Z^T``; ``block_bound[g] = tr(R_gg) >=
+    lambda_max(R_gg)``; ``fit`` holds the least-squares fit of the unrestricted problem and the
+    consistent ``c`` of the gap, computed on first use (restricted problems keep their columns of
+    the fit: it only seeds the Newton solver); ``F`` (d' x r) is a factor ``R = F F^T`` when the
+    rank r of ``R`` is below d'/2 (reduction 3), ``outputs`` the basis ``Q`` of reduction 4 (``B``
+    and ``Bu`` then have k rows and ``M = Q M~``).
     """
 
-    R: Tensor
+    base_R: Tensor
     B: Tensor
     grp: Tensor
     n_groups: int
@@ -336,8 +364,10 @@ class _Reduced:
     Z: Tensor
     Bu: Tensor
     fit: "_LeastSquares"
-    fit_cols: Tensor
+    F: Optional[Tensor]
+    base_cols: Tensor
     block_bound: Tensor
+    outputs: Optional[Tensor]
     shape: tuple
     n_groups_total: int
     dtype: torch.dtype
@@ -347,10 +377,11 @@ class _Reduced:
         colmask = keep[self.grp]
         remap = torch.cumsum(keep.long(), 0) - 1
         return _Reduced(
-            R=self.R[colmask][:, colmask], B=self.B[:, colmask], grp=remap[self.grp[colmask]],
+            base_R=self.base_R, B=self.B[:, colmask], grp=remap[self.grp[colmask]],
             n_groups=int(keep.sum()), group_ids=self.group_ids[keep], cols=self.cols[colmask],
-            ucols=self.ucols, Z=self.Z[:, colmask], Bu=self.Bu, fit=self.fit, fit_cols=self.fit_cols[colmask],
-            block_bound=self.block_bound[keep], shape=self.shape,
+            ucols=self.ucols, Z=self.Z[:, colmask], Bu=self.Bu, fit=self.fit, F=None if self.F is None else self.F[colmask],
+            base_cols=self.base_cols[colmask],
+            block_bound=self.block_bound[keep], outputs=self.outputs, shape=self.shape,
             n_groups_total=self.n_groups_total, dtype=self.dtype,
         )
 
@@ -362,26 +393,34 @@ class _Reduced:
     @property
     def W_ls(self) -> Tensor:
         """The least-squares fit ``B R^+`` of the unrestricted problem, on this problem's columns."""
-        return self.fit.W[:, self.fit_cols]
+        return self.fit.W[:, self.base_cols]
+
+    @functools.cached_property
+    def R(self) -> Tensor:
+        """``R'`` on this problem's columns (computed on first use: Newton with ``F`` never needs it)."""
+        return _block(self.base_R, self.base_cols, self.base_cols)
 
     def group_sq(self, X: Tensor) -> Tensor:
         """Squared Frobenius norms of the groups of a (h x d') matrix."""
         return _segment_sum(torch.linalg.vector_norm(X, dim=0).square(), self.grp, self.n_groups)
 
     def gradient(self, Mp: Tensor) -> Tensor:
+        if self.F is not None:
+            return (Mp @ self.F) @ self.F.T - self.B
         return Mp @ self.R - self.B
 
     def lift(self, Mp: Tensor) -> Tensor:
         """Full (h x d) matrix in the caller's dtype: penalised block, optimal unpenalised block."""
-        h, d = self.shape
-        M = torch.zeros(h, d, dtype=_F64, device=self.R.device)
+        M = torch.zeros(self.B.shape[0], self.shape[1], dtype=_F64, device=self.B.device)
         M[:, self.cols] = Mp
         if self.ucols.numel():
             M[:, self.ucols] = self.Bu - Mp @ self.Z.T
+        if self.outputs is not None:
+            M = self.outputs @ M
         return M.to(self.dtype)
 
     def support(self, Mp: Tensor) -> Tensor:
-        keep = torch.zeros(self.n_groups_total, dtype=torch.bool, device=self.R.device)
+        keep = torch.zeros(self.n_groups_total, dtype=torch.bool, device=self.B.device)
         keep[self.group_ids[self.group_sq(Mp) > 0]] = True
         return keep
 
@@ -406,8 +445,9 @@ def _statistics(Rxx: Tensor, Ryx: Tensor) -> tuple[Tensor, Tensor]:
     return (R + R.T) / 2, B
 
 
-def _prepare(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor], ryy) -> _Reduced:
-    """Validate the statistics and build the reduced problem (module docstring, steps 1-2)."""
+def _prepare(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor], ryy, factor: bool = True) -> _Reduced:
+    """Validate the statistics and build the reduced problem (module docstring, steps 1-4; steps 3-4
+    only with ``factor``)."""
     R, B = _statistics(Rxx, Ryx)
     d = R.shape[0]
     grp, n_groups = _column_groups(groups, d, R.device)
@@ -426,12 +466,42 @@ def _prepare(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor], ryy) -> _Reduce
     Rp = (Rp + Rp.T) / 2
     group_ids, cgrp = torch.unique(grp[pcols], return_inverse=True)
     block_bound = _segment_sum(Rp.diagonal(), cgrp, group_ids.numel())
-    fit = _LeastSquares(Rp, Bp, _given_energy(ryy, Bu, B[:, ucols]))
+    F = _pivoted_factor(Rp) if factor else None
+    outputs = _output_basis(Bp, Bu, F) if F is not None else None
+    energy = _given_energy(ryy, Bu, B[:, ucols])
+    if outputs is not None:
+        Bp, Bu = outputs.T @ Bp, outputs.T @ Bu
     return _Reduced(
-        R=Rp, B=Bp, grp=cgrp, n_groups=group_ids.numel(), group_ids=group_ids, cols=pcols,
-        ucols=ucols, Z=Z, Bu=Bu, fit=fit, fit_cols=torch.arange(pcols.numel(), device=R.device),
-        block_bound=block_bound, shape=tuple(Ryx.shape), n_groups_total=n_groups, dtype=Rxx.dtype,
+        base_R=Rp, B=Bp, grp=cgrp, n_groups=group_ids.numel(), group_ids=group_ids, cols=pcols,
+        ucols=ucols, Z=Z, Bu=Bu, fit=_LeastSquares(Rp, Bp, energy), F=F,
+        base_cols=torch.arange(pcols.numel(), device=R.device), block_bound=block_bound, outputs=outputs,
+        shape=tuple(Ryx.shape), n_groups_total=n_groups, dtype=Rxx.dtype,
     )
+
+
+def _output_basis(Bp: Tensor, Bu: Tensor, F: Tensor) -> Optional[Tensor]:
+    """Reduction 4: an orthonormal basis ``Q`` (h x k) of the column space of ``[B', B_u]`` when
+    ``B'`` lies in the row space of ``F^T`` (as ``B' = W R'`` does) and k is below h/2, else None.
+
+    Writing ``M = Q M~ + M_perp`` with ``Q^T M_perp = 0``, the quadratic splits
+    (``<M, B> = <M~, Q^T B>``, ``tr(M R M^T) = tr(M~ R M~^T) + tr(M_perp R M_perp^T)``) and so does
+    every group norm (``||M_g||^2 = ||M~_g||^2 + ||M_perp,g||^2``): ``M_perp = 0`` at the optimum,
+    and the problem in ``M~`` has ``Q^T B`` (k rows) as its ``B``; ``M = Q M~``.  With ``F = Q_F T``
+    (thin QR), ``B' = (B' Q_F) Q_F^T`` to within ``1e-12 ||B'||`` (checked), so ``k`` is the numerical
+    rank of the h x (r + u) matrix ``[B' Q_F, B_u]``, found by its SVD: every solver then works with
+    k <= r + u rows instead of h (a joint group of several layers, or many outputs)."""
+    h = Bp.shape[0]
+    if h < 16:
+        return None
+    QF, _ = torch.linalg.qr(F)
+    C = Bp @ QF
+    if float(torch.linalg.matrix_norm(Bp - C @ QF.T)) > 1e-12 * float(torch.linalg.matrix_norm(Bp)):
+        return None
+    U, sigma, _ = torch.linalg.svd(torch.cat([C, Bu], 1), full_matrices=False)
+    if sigma.numel() == 0 or float(sigma[0]) == 0.0:
+        return None
+    k = int((sigma > max(U.shape) * torch.finfo(U.dtype).eps * sigma[0]).sum())
+    return U[:, :k] if k <= h // 2 else None
 
 
 def _given_energy(ryy, Bu: Tensor, Bu_raw: Tensor) -> Optional[float]:
@@ -541,28 +611,55 @@ def _block(X: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 class _EtaPoint:
     """``psi(eta)`` and, lazily, ``M(eta)`` and the gradient of ``F`` there.
 
-    With ``Q = S R S + lam I = L L^T`` on the support and ``X = L^{-1} S B^T``,
-    ``psi = -1/2 ||X||_F^2 + lam/2 sum eta`` (one triangular solve: what the line search needs)
-    and ``M = (L^{-T} X)^T S``.
+    With ``Q = S R S + lam I`` on the support (``S = diag(sqrt(eta))``) and ``rhs = S B^T``:
+    ``psi = -1/2 <rhs, Q^{-1} rhs> + lam/2 sum eta`` and ``M = (Q^{-1} rhs)^T S``.
+
+    Dense ``R``: ``Q = L L^T`` (Cholesky, O(p^3) on a support of p columns), ``X = L^{-1} rhs``
+    (one triangular solve: what the line search needs), ``psi = -1/2 ||X||^2 + ...``.
+
+    Low-rank ``R = F F^T``: with ``U = S F = Q_u R_u`` (thin QR) and ``R_u = P diag(sigma) Z^T``
+    (SVD, ``Z`` square), ``c = P^T Q_u^T rhs`` and ``b = rhs - Q_u Q_u^T rhs`` (the part of ``rhs``
+    outside the range of ``U``)::
+
+        Q^{-1} rhs = Q_u P diag(1 / (sigma^2 + lam)) c + b / lam
+
+    (``Q`` acts as ``Q_u P diag(sigma^2 + lam) P^T Q_u^T`` on the range of ``U`` and as ``lam I`` on
+    its complement): O(p r h), ``psi`` a sum of non-negative terms, and no factorisation that
+    rounding can make indefinite however small ``lam`` is.
     """
 
     def __init__(self, prob: _Reduced, eta: Tensor, lam: float):
         self.prob, self.eta, self.lam = prob, eta, lam
         self.pcols = torch.nonzero(eta[prob.grp] > 0).flatten()
         self.s = eta[prob.grp[self.pcols]].sqrt()
-        Q = self.s[:, None] * _block(prob.R, self.pcols, self.pcols) * self.s[None, :]
-        Q.diagonal().add_(lam)
-        self.L = _cholesky(Q)
         rhs = (prob.B[:, self.pcols] * self.s).T
-        self._X = torch.linalg.solve_triangular(self.L, rhs, upper=False)
-        self.psi = -0.5 * float(self._X.square().sum()) + 0.5 * lam * float(eta.sum())
+        self.lowrank = prob.F is not None
+        if self.lowrank:
+            Qu, Ru = torch.linalg.qr(self.s[:, None] * prob.F[self.pcols])
+            P, self._sigma2, self._Zt = torch.linalg.svd(Ru, full_matrices=True)
+            self._sigma2 = self._sigma2.square()
+            self._QuP = Qu @ P
+            self._c = self._QuP.T @ rhs
+            self._b = rhs - self._QuP @ self._c
+            quad = float((self._c.square() / (self._sigma2[:, None] + lam)).sum()) + float(self._b.square().sum()) / lam
+        else:
+            Q = self.s[:, None] * _block(prob.R, self.pcols, self.pcols) * self.s[None, :]
+            Q.diagonal().add_(lam)
+            self.L = _cholesky(Q)
+            self._X = torch.linalg.solve_triangular(self.L, rhs, upper=False)
+            quad = float(self._X.square().sum())
+        self.psi = -0.5 * quad + 0.5 * lam * float(eta.sum())
         self._support_M = None
         self._grad = None
 
     @property
     def Mp_support(self) -> Tensor:
         if self._support_M is None:
-            self._support_M = torch.linalg.solve_triangular(self.L.T, self._X, upper=True).T * self.s
+            if self.lowrank:
+                solved = self._QuP @ (self._c / (self._sigma2[:, None] + self.lam)) + self._b / self.lam
+            else:
+                solved = torch.linalg.solve_triangular(self.L.T, self._X, upper=True)
+            self._support_M = solved.T * self.s
         return self._support_M
 
     @property
@@ -574,15 +671,30 @@ class _EtaPoint:
     @property
     def grad(self) -> Tensor:
         if self._grad is None:
-            self._grad = self.Mp_support @ self.prob.R[self.pcols] - self.prob.B
+            if self.lowrank:
+                self._grad = (self.Mp_support @ self.prob.F[self.pcols]) @ self.prob.F.T - self.prob.B
+            else:
+                self._grad = self.Mp_support @ self.prob.R[self.pcols] - self.prob.B
         return self._grad
+
+    def _curvature(self, free_cols: Tensor) -> Tensor:
+        """``R - R S Q^{-1} S R`` on the free columns.  Low rank: by the push-through identity
+        ``U^T Q^{-1} U = I - lam (U^T U + lam I)^{-1}``, it is ``F Z diag(w) Z^T F^T`` with
+        ``w = lam / (sigma^2 + lam)`` (1 beyond the rank of ``U``): positive semidefinite by
+        construction."""
+        if self.lowrank:
+            w = torch.ones(self._Zt.shape[0], dtype=_F64, device=self._Zt.device)
+            w[: self._sigma2.numel()] = self.lam / (self._sigma2 + self.lam)
+            V = (self.prob.F[free_cols] @ self._Zt.T) * w.sqrt()
+            return V @ V.T
+        R = self.prob.R
+        Y = torch.linalg.solve_triangular(self.L, self.s[:, None] * _block(R, self.pcols, free_cols), upper=False)
+        return _block(R, free_cols, free_cols) - Y.T @ Y
 
     def hessian(self, free_cols: Tensor, free_grp: Tensor, n_free: int) -> Tensor:
         """``H = E^T [(G^T G) o (R - R S Q^{-1} S R)] E / lam^2`` on the free groups."""
-        R = self.prob.R
-        Y = torch.linalg.solve_triangular(self.L, self.s[:, None] * _block(R, self.pcols, free_cols), upper=False)
         Gf = self.grad[:, free_cols]
-        A = _block(R, free_cols, free_cols) - Y.T @ Y
+        A = self._curvature(free_cols)
         A.mul_(Gf.T @ Gf).div_(self.lam**2)
         if n_free == A.shape[0]:  # one column per group: E is a permutation
             order = torch.empty_like(free_grp)
@@ -648,7 +760,7 @@ def _newton_step(point: _EtaPoint, lam: float) -> Optional[_EtaPoint]:
         trial[free] = (z[free] * torch.exp(t * dv) - c[free]).clamp_min(0)
         trial[binding] = eta[binding] * (1.0 - t)
         decrease = float((dpsi * (trial - eta)).sum())
-        if decrease < 0:
+        if decrease < 0 and math.isfinite(decrease):  # exp(t dv) overflows on long steps: shorten them
             candidate = _EtaPoint(prob, trial, lam)
             if candidate.psi <= point.psi + 1e-4 * decrease or (t == 1.0 and -decrease <= _ROUNDING * abs(point.psi)):
                 return candidate
@@ -663,7 +775,7 @@ def _newton_start(prob: _Reduced, lam: float, Mp0: Optional[Tensor]) -> _EtaPoin
     keeps the first steps on small supports."""
     if Mp0 is not None:
         return _EtaPoint(prob, prob.group_sq(Mp0).sqrt(), lam)
-    zero = _EtaPoint(prob, torch.zeros(prob.n_groups, dtype=_F64, device=prob.R.device), lam)
+    zero = _EtaPoint(prob, torch.zeros(prob.n_groups, dtype=_F64, device=prob.B.device), lam)
     dense = _EtaPoint(prob, prob.group_sq(prob.W_ls).sqrt(), lam)
     return dense if dense.psi < zero.psi else zero
 
@@ -910,7 +1022,8 @@ def _reduce_start(prob: _Reduced, M0: Optional[Tensor]) -> Optional[Tensor]:
     h, d = prob.shape
     if not isinstance(M0, Tensor) or tuple(M0.shape) != (h, d):
         raise ValueError(f"M0 must be a tensor of shape (h, d) = {(h, d)}")
-    return M0.to(device=prob.R.device, dtype=_F64)[:, prob.cols]
+    Mp0 = M0.to(device=prob.B.device, dtype=_F64)[:, prob.cols]
+    return Mp0 if prob.outputs is None else prob.outputs.T @ Mp0
 
 
 def _run(prob: _Reduced, lam: float, solver: str, Mp0, tol, max_iter, q, warm_start, warm_iter, progress,
@@ -1024,7 +1137,7 @@ def lambda_max(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor] = None) -> flo
     docstring, reduction), and ``0`` is optimal iff ``||B'_g||_F <= lam`` for all g.  Returns 0.0
     when there is no (alive) penalised group.
     """
-    prob = _prepare(Rxx, Ryx, groups, None)
+    prob = _prepare(Rxx, Ryx, groups, None, factor=False)
     return float(prob.group_sq(prob.B).sqrt().max()) if prob.n_groups else 0.0
 
 
@@ -1107,18 +1220,23 @@ class _LambdaSearch:
         prob = self.prob if full else prob
         if full and self.last is not None:
             Mp0 = self._widen(self.last)
-        out = _run(prob, lam, self.solver, Mp0, self.kw["tol"], self.kw["max_iter"], self.kw["q"],
+        max_iter = self.kw["max_iter"]
+        if max_iter is None and self.solver == "newton":
+            max_iter = _SEARCH_NEWTON_ITER
+        out = _run(prob, lam, self.solver, Mp0, self.kw["tol"], max_iter, self.kw["q"],
                    self.kw["warm_start"], self.kw["warm_iter"], self.kw["progress"])
         self.iterations += out.iterations
         if full:
             self.last = out
         return out
 
-    def _widen(self, out: _Outcome) -> Tensor:
-        """A solution of a screened (restricted) problem on the columns of the full one."""
-        Mp = torch.zeros_like(self.prob.B)
-        pos = torch.full((self.prob.shape[1],), -1, dtype=torch.long, device=Mp.device)
-        pos[self.prob.cols] = torch.arange(self.prob.cols.numel(), device=Mp.device)
+    def _widen(self, out: _Outcome, base: Optional[_Reduced] = None) -> Tensor:
+        """A solution of a screened (restricted) problem on the columns of ``base`` (default: the
+        full problem), which it was restricted from."""
+        base = self.prob if base is None else base
+        Mp = torch.zeros_like(base.B)
+        pos = torch.full((base.shape[1],), -1, dtype=torch.long, device=Mp.device)
+        pos[base.cols] = torch.arange(base.cols.numel(), device=Mp.device)
         Mp[:, pos[out.prob.cols]] = out.Mp
         return Mp
 
@@ -1128,17 +1246,27 @@ class _LambdaSearch:
 
     def run(self, keep: int, max_solves: int) -> GroupLassoResult:
         """Halve ``lam`` from ``lambda_max`` until at least ``keep`` groups survive, then bisect
-        ``log lam`` on the bracket ``count(lo) > keep > count(hi)``."""
+        ``log lam`` on the bracket ``count(lo) > keep > count(hi)``.
+
+        The halving stops early where the path *saturates*: a solve that no longer reaches ``tol``,
+        or a count unchanged over ``_PLATEAU`` halvings.  Statistics of fewer calibration rows than
+        columns (large convolutions) have many exact fits; as ``lam -> 0`` the solution tends to
+        the one of least group norm, whose support can be smaller than ``keep``, and the problem
+        becomes too ill-conditioned to solve: smaller ``lam`` only adds noise.  ``keep`` is then
+        completed by the tie-break."""
         hi = float(self.prob.group_sq(self.prob.B).sqrt().max()) if self.prob.n_groups else 0.0
         if keep == 0:
             return self._final(self.solve(hi), hi, keep)
         if keep >= self.prob.n_groups:
             return self._final(self.solve(0.0), 0.0, keep)
-        lo, solves = hi, 0
+        lo, solves, lo_out, counts = hi, 0, None, []
         while True:
-            lo, solves = lo * 0.5, solves + 1
-            lo_out = self.solve(lo)
-            if self.count(lo_out) >= keep:
+            out = self.solve(lo * 0.5)
+            if lo_out is not None and self._saturated(out, counts):
+                return self._final(lo_out, lo, keep)
+            lo, lo_out, solves = lo * 0.5, out, solves + 1
+            counts.append(self.count(out))
+            if counts[-1] >= keep:
                 break
             hi = lo
         while self.count(lo_out) != keep and solves < max_solves and hi / lo - 1 > 1e-12:
@@ -1150,6 +1278,11 @@ class _LambdaSearch:
                 hi = mid
         return self._final(lo_out, lo, keep)
 
+    def _saturated(self, out: _Outcome, counts: list[int]) -> bool:
+        """Whether the path has saturated (see ``run``) at this solve, given the counts before it."""
+        plateau = len(counts) >= _PLATEAU and len(set(counts[-_PLATEAU:] + [self.count(out)])) == 1
+        return not out.converged or plateau
+
     def _final(self, out: _Outcome, lam: float, keep: int) -> GroupLassoResult:
         if self.count(out) == keep:
             res = _result(out, lam)
@@ -1159,21 +1292,31 @@ class _LambdaSearch:
         return res
 
     def _tie_break(self, out: _Outcome, lam: float, keep: int) -> GroupLassoResult:
-        """Keep the ``keep`` largest groups at ``lam`` and re-solve on them alone, halving ``lam``
-        until none of them vanishes; when fewer than ``keep`` groups have a non-zero input, the
-        support is padded with zero-input groups (lowest ids first)."""
+        """Keep the ``keep`` largest groups at ``lam`` (groups at zero ranked by their norm in the
+        least-squares fit of least norm) and re-solve on them alone, halving ``lam`` until none of
+        them vanishes or the path saturates; when fewer than ``keep`` groups have a non-zero input,
+        the support is padded with zero-input groups (lowest ids first)."""
         norms = torch.zeros(self.prob.n_groups, dtype=_F64, device=out.Mp.device)
         norms[torch.searchsorted(self.prob.group_ids, out.prob.group_ids)] = out.prob.group_sq(out.Mp)
+        fit_norms = self.prob.group_sq(self.prob.W_ls)
+        above_any_fit = float(fit_norms.max()) + 1.0 if fit_norms.numel() else 0.0
+        score = torch.where(norms > 0, norms + above_any_fit, fit_norms)
         chosen = torch.zeros(self.prob.n_groups, dtype=torch.bool, device=norms.device)
-        chosen[torch.topk(norms, min(keep, self.prob.n_groups)).indices] = True
+        chosen[torch.topk(score, min(keep, self.prob.n_groups)).indices] = True
         sub = self.prob.restrict(chosen)
-        Mp0 = self._widen(out)[:, chosen[self.prob.grp]]
+        final = self.solve(lam, prob=sub, Mp0=self._widen(out)[:, chosen[self.prob.grp]])
+        counts = []
         for halvings in range(61):
-            final = self.solve(lam, prob=sub, Mp0=Mp0)
             if self.count(final) == sub.n_groups or lam == 0.0:
                 break
-            lam, Mp0 = (lam * 0.5 if halvings < 59 else 0.0), final.Mp
+            counts.append(self.count(final))
+            trial_lam = lam * 0.5 if halvings < 59 else 0.0
+            trial = self.solve(trial_lam, prob=sub, Mp0=self._widen(final, sub))
+            if self._saturated(trial, counts):
+                break
+            final, lam = trial, trial_lam
         res = _result(final, lam, tie_broken=True)
+        res.support[sub.group_ids] = True
         missing = keep - int(res.support.sum())
         if missing > 0:
             res.support[torch.nonzero(~res.support).flatten()[:missing]] = True
