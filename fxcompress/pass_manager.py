@@ -34,16 +34,21 @@ def _double(inputs: tuple) -> tuple:
 
 def verify_exact(step: PassStep, gm: fx.GraphModule, ctx: PassContext, inputs: tuple) -> float:
     """Run the pass on a float64 copy (with float64 example inputs) and compare outputs; raise if they
-    differ beyond round-off."""
+    differ beyond round-off. What that run writes to the report (notes, layer rows, metrics) is dropped:
+    the real run writes it again."""
     before = copy.deepcopy(gm).double()
     reference = _outputs(before, _double(inputs))
     example_inputs = ctx.example_inputs
     ctx.example_inputs = _double(example_inputs)
+    record = ctx.current
+    saved = (list(record.notes), list(record.layers), dict(record.metrics)) if record is not None else None
     try:
         after = step.info.run(copy.deepcopy(before), ctx, step.config)
     finally:
         ctx.example_inputs = example_inputs
         ctx.invalidate()
+        if saved is not None:
+            record.notes, record.layers, record.metrics = saved
     deviation = max_deviation(reference, _outputs(after, _double(inputs)))
     scale = max((float(t.abs().max()) for t in reference if t.numel()), default=1.0)
     if not deviation <= EXACT_RTOL * max(scale, 1.0):
