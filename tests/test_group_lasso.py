@@ -478,7 +478,7 @@ def test_low_rank_newton_reaches_the_dense_and_fista_optimum(fraction, monkeypat
     import fxcompress.solvers.group_lasso as gl
     R, B, groups = _few_sample_conv_problem()
     prob = gl._prepare(R, B, groups, None)
-    assert prob.F is not None and prob.F.shape[1] <= 20
+    assert len(prob.parts) == 1 and prob.parts[0].F is not None and prob.parts[0].F.shape[1] <= 20
     assert prob.outputs is not None and prob.B.shape[0] <= 21 < B.shape[0]
     lam = fraction * lambda_max(R, B, groups)
     fast = group_lasso(R, B, lam, groups, tol=1e-10)
@@ -503,3 +503,23 @@ def test_search_completes_keep_where_the_path_saturates():
     assert int(res.support.sum()) == 25 and res.tie_broken
     assert res.lam > 1e-8 * lambda_max(R, B, groups)
     assert calls.count(0) < 40
+
+
+def test_joint_problem_is_solved_per_block_and_reaches_the_dense_optimum(monkeypatch):
+    """Two consumers of one stream (block-diagonal Rxx and Ryx, channel j's columns of both in group
+    j): Newton works per diagonal block ("parts", each low rank, outputs reduced per block) and
+    reaches the optimum of one dense part, and the keep search picks the same channels."""
+    import fxcompress.solvers.group_lasso as gl
+    first, second = _few_sample_conv_problem(seed=5, h=60), _few_sample_conv_problem(seed=6, h=50)
+    R, B = torch.block_diag(first[0], second[0]), torch.block_diag(first[1], second[1])
+    groups = torch.cat([first[2], second[2]])
+    prob = gl._prepare(R, B, groups, None)
+    assert len(prob.parts) == 2 and all(part.F is not None for part in prob.parts)
+    assert prob.outputs is not None and prob.B.shape[0] <= 42
+    lam = 0.1 * lambda_max(R, B, groups)
+    fast, fast_keep = group_lasso(R, B, lam, groups, tol=1e-10), search_lambda(R, B, 12, groups, tol=1e-10)
+    monkeypatch.setattr(gl, "_parts", lambda Rp, Bp: [gl._Part(torch.arange(Rp.shape[0]), None, None)])
+    dense, dense_keep = group_lasso(R, B, lam, groups, tol=1e-10), search_lambda(R, B, 12, groups, tol=1e-10)
+    assert abs(fast.objective - dense.objective) <= 1e-8 * dense.objective
+    assert torch.equal(fast.support, dense.support) and torch.equal(fast_keep.support, dense_keep.support)
+    torch.testing.assert_close(fast.M, dense.M, atol=1e-5 * float(dense.M.abs().max()), rtol=0)

@@ -349,9 +349,9 @@ class _Reduced:
     recover the unpenalised block, ``M_u = Bu - M_p Z^T``; ``block_bound[g] = tr(R_gg) >=
     lambda_max(R_gg)``; ``fit`` holds the least-squares fit of the unrestricted problem and the
     consistent ``c`` of the gap, computed on first use (restricted problems keep their columns of
-    the fit: it only seeds the Newton solver); ``F`` (d' x r) is a factor ``R = F F^T`` when the
-    rank r of ``R`` is below d'/2 (reduction 3), ``outputs`` the basis ``Q`` of reduction 4 (``B``
-    and ``Bu`` then have k rows and ``M = Q M~``).
+    the fit: it only seeds the Newton solver); ``parts`` split the columns where ``R`` is
+    block-diagonal, each with its low-rank factor if any (reduction 3), ``outputs`` the basis ``Q`` of
+    reduction 4 (``B`` and ``Bu`` then have k rows and ``M = Q M~``).
     """
 
     base_R: Tensor
@@ -364,7 +364,7 @@ class _Reduced:
     Z: Tensor
     Bu: Tensor
     fit: "_LeastSquares"
-    F: Optional[Tensor]
+    parts: list["_Part"]
     base_cols: Tensor
     block_bound: Tensor
     outputs: Optional[Tensor]
@@ -376,10 +376,13 @@ class _Reduced:
         """The same problem with only the (compact) groups in the bool mask ``keep``."""
         colmask = keep[self.grp]
         remap = torch.cumsum(keep.long(), 0) - 1
+        col_remap = torch.cumsum(colmask.long(), 0) - 1
+        parts = [part.restrict(colmask, col_remap) for part in self.parts]
         return _Reduced(
             base_R=self.base_R, B=self.B[:, colmask], grp=remap[self.grp[colmask]],
             n_groups=int(keep.sum()), group_ids=self.group_ids[keep], cols=self.cols[colmask],
-            ucols=self.ucols, Z=self.Z[:, colmask], Bu=self.Bu, fit=self.fit, F=None if self.F is None else self.F[colmask],
+            ucols=self.ucols, Z=self.Z[:, colmask], Bu=self.Bu, fit=self.fit,
+            parts=[part for part in parts if part is not None],
             base_cols=self.base_cols[colmask],
             block_bound=self.block_bound[keep], outputs=self.outputs, shape=self.shape,
             n_groups_total=self.n_groups_total, dtype=self.dtype,
@@ -405,8 +408,12 @@ class _Reduced:
         return _segment_sum(torch.linalg.vector_norm(X, dim=0).square(), self.grp, self.n_groups)
 
     def gradient(self, Mp: Tensor) -> Tensor:
-        if self.F is not None:
-            return (Mp @ self.F) @ self.F.T - self.B
+        if all(part.F is not None for part in self.parts):
+            G = -self.B.clone()
+            for part in self.parts:
+                rows = part.row_index(self.B)
+                G[rows[:, None], part.cols] += (Mp[rows][:, part.cols] @ part.F) @ part.F.T
+            return G
         return Mp @ self.R - self.B
 
     def lift(self, Mp: Tensor) -> Tensor:
@@ -466,42 +473,117 @@ def _prepare(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor], ryy, factor: bo
     Rp = (Rp + Rp.T) / 2
     group_ids, cgrp = torch.unique(grp[pcols], return_inverse=True)
     block_bound = _segment_sum(Rp.diagonal(), cgrp, group_ids.numel())
-    F = _pivoted_factor(Rp) if factor else None
-    outputs = _output_basis(Bp, Bu, F) if F is not None else None
+    parts = _parts(Rp, Bp) if factor else [_Part(torch.arange(Rp.shape[0], device=R.device), None, None)]
+    outputs = _output_basis(Bp, Bu, parts) if factor else None
     energy = _given_energy(ryy, Bu, B[:, ucols])
     if outputs is not None:
-        Bp, Bu = outputs.T @ Bp, outputs.T @ Bu
+        Bp, Bu, parts = outputs.T @ Bp, outputs.T @ Bu, _parts_on_reduced_rows(outputs, parts)
     return _Reduced(
         base_R=Rp, B=Bp, grp=cgrp, n_groups=group_ids.numel(), group_ids=group_ids, cols=pcols,
-        ucols=ucols, Z=Z, Bu=Bu, fit=_LeastSquares(Rp, Bp, energy), F=F,
+        ucols=ucols, Z=Z, Bu=Bu, fit=_LeastSquares(Rp, Bp, energy), parts=parts,
         base_cols=torch.arange(pcols.numel(), device=R.device), block_bound=block_bound, outputs=outputs,
         shape=tuple(Ryx.shape), n_groups_total=n_groups, dtype=Rxx.dtype,
     )
 
 
-def _output_basis(Bp: Tensor, Bu: Tensor, F: Tensor) -> Optional[Tensor]:
-    """Reduction 4: an orthonormal basis ``Q`` (h x k) of the column space of ``[B', B_u]`` when
-    ``B'`` lies in the row space of ``F^T`` (as ``B' = W R'`` does) and k is below h/2, else None.
+@dataclass
+class _Part:
+    """Columns ``cols`` of a problem outside of which ``R`` has no entries in their rows and columns
+    (one consumer of a joint problem: its statistics are a diagonal block), the rows of ``B`` that are
+    non-zero on them (None: all), and a factor ``F`` (len(cols) x r) of ``R[cols, cols] = F F^T`` when
+    that block has rank r below half its size (None: dense).  The quadratic part of the objective is a
+    sum over parts, which only the group penalty couples (reduction 3)."""
+    cols: Tensor
+    rows: Optional[Tensor]
+    F: Optional[Tensor]
+
+    def row_index(self, B: Tensor) -> Tensor:
+        return torch.arange(B.shape[0], device=B.device) if self.rows is None else self.rows
+
+    def restrict(self, colmask: Tensor, remap: Tensor) -> Optional["_Part"]:
+        """This part on the columns kept by ``colmask`` (renumbered by ``remap``); None if none is."""
+        kept = colmask[self.cols]
+        if not bool(kept.any()):
+            return None
+        return _Part(remap[self.cols[kept]], self.rows, None if self.F is None else self.F[kept])
+
+
+_MAX_PARTS = 32  # finer diagonal blocks are merged: per-part work has a Python cost
+
+
+def _parts(R: Tensor, B: Tensor) -> list[_Part]:
+    """The parts of a reduced problem: the diagonal blocks of ``R`` (merged up to ``_MAX_PARTS``
+    parts), each with the rows of ``B`` it reaches and its low-rank factor."""
+    d = R.shape[0]
+    blocks = _diagonal_blocks(R) if d else []
+    spans, start = [], 0
+    for block in blocks:
+        if block.stop - start >= d / _MAX_PARTS or block.stop == d:
+            spans.append(slice(start, block.stop))
+            start = block.stop
+    parts = []
+    for span in spans or [slice(0, d)]:
+        rows = torch.nonzero((B[:, span] != 0).any(1)).flatten()
+        cols = torch.arange(span.start, span.stop, device=R.device)
+        parts.append(_Part(cols, None if rows.numel() == B.shape[0] else rows, _pivoted_factor(R[span, span])))
+    return parts
+
+
+def _output_basis(Bp: Tensor, Bu: Tensor, parts: list[_Part]) -> Optional[Tensor]:
+    """Reduction 4: an orthonormal ``Q`` (h x k) whose columns span those of ``[B', B_u]``, with
+    k below h/2, when every part is low rank and the parts reach disjoint rows of ``B``; else None.
 
     Writing ``M = Q M~ + M_perp`` with ``Q^T M_perp = 0``, the quadratic splits
     (``<M, B> = <M~, Q^T B>``, ``tr(M R M^T) = tr(M~ R M~^T) + tr(M_perp R M_perp^T)``) and so does
     every group norm (``||M_g||^2 = ||M~_g||^2 + ||M_perp,g||^2``): ``M_perp = 0`` at the optimum,
-    and the problem in ``M~`` has ``Q^T B`` (k rows) as its ``B``; ``M = Q M~``.  With ``F = Q_F T``
-    (thin QR), ``B' = (B' Q_F) Q_F^T`` to within ``1e-12 ||B'||`` (checked), so ``k`` is the numerical
-    rank of the h x (r + u) matrix ``[B' Q_F, B_u]``, found by its SVD: every solver then works with
-    k <= r + u rows instead of h (a joint group of several layers, or many outputs)."""
+    and the problem in ``M~`` has ``Q^T B`` (k rows) as its ``B``; ``M = Q M~``.  Per part, with
+    ``F = Q_F T`` (thin QR), ``B'_part = (B'_part Q_F) Q_F^T`` to within ``1e-12 ||B'_part||`` (checked:
+    as for ``B' = W R'``), so its block of ``Q`` comes from the SVD of the small matrix
+    ``[B'_part Q_F, B_u columns on its rows]``: ``Q`` is block-diagonal over the parts' rows."""
     h = Bp.shape[0]
-    if h < 16:
+    if h < 16 or any(part.F is None for part in parts):
         return None
-    QF, _ = torch.linalg.qr(F)
-    C = Bp @ QF
-    if float(torch.linalg.matrix_norm(Bp - C @ QF.T)) > 1e-12 * float(torch.linalg.matrix_norm(Bp)):
+    rows = [torch.arange(h, device=Bp.device) if part.rows is None else part.rows for part in parts]
+    owner = torch.full((h,), -1, dtype=torch.long, device=Bp.device)
+    for index, part_rows in enumerate(rows):
+        if bool((owner[part_rows] >= 0).any()):
+            return None
+        owner[part_rows] = index
+    u_owner = [torch.unique(owner[torch.nonzero(Bu[:, j]).flatten()]) for j in range(Bu.shape[1])]
+    if any(o.numel() > 1 or bool((o < 0).any()) for o in u_owner):
         return None
-    U, sigma, _ = torch.linalg.svd(torch.cat([C, Bu], 1), full_matrices=False)
-    if sigma.numel() == 0 or float(sigma[0]) == 0.0:
+    blocks = []
+    for index, (part, part_rows) in enumerate(zip(parts, rows)):
+        QF, _ = torch.linalg.qr(part.F)
+        Bpart = Bp[part_rows][:, part.cols]
+        C = Bpart @ QF
+        if float(torch.linalg.matrix_norm(Bpart - C @ QF.T)) > 1e-12 * float(torch.linalg.matrix_norm(Bpart)):
+            return None
+        own_u = [j for j, o in enumerate(u_owner) if o.numel() and int(o) == index]
+        U, sigma, _ = torch.linalg.svd(torch.cat([C, Bu[part_rows][:, own_u]], 1), full_matrices=False)
+        rank = int((sigma > max(U.shape) * torch.finfo(U.dtype).eps * sigma[0]).sum()) if sigma.numel() else 0
+        blocks.append((part_rows, U[:, :rank]))
+    k = sum(Q.shape[1] for _, Q in blocks)
+    if k > h // 2:
         return None
-    k = int((sigma > max(U.shape) * torch.finfo(U.dtype).eps * sigma[0]).sum())
-    return U[:, :k] if k <= h // 2 else None
+    Q = torch.zeros(h, k, dtype=Bp.dtype, device=Bp.device)
+    col = 0
+    for part_rows, block in blocks:
+        Q[part_rows, col:col + block.shape[1]] = block
+        col += block.shape[1]
+    return Q
+
+
+def _parts_on_reduced_rows(Q: Tensor, parts: list[_Part]) -> list[_Part]:
+    """The parts with their rows renumbered to the columns of the block-diagonal ``Q``."""
+    out = []
+    for part in parts:
+        if part.rows is None:
+            out.append(_Part(part.cols, None, part.F))
+            continue
+        reach = torch.nonzero((Q[part.rows] != 0).any(0)).flatten()
+        out.append(_Part(part.cols, None if reach.numel() == Q.shape[1] else reach, part.F))
+    return out
 
 
 def _given_energy(ryy, Bu: Tensor, Bu_raw: Tensor) -> Optional[float]:
@@ -608,14 +690,13 @@ def _block(X: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return X[rows[:, None], cols[None, :]]
 
 
-class _EtaPoint:
-    """``psi(eta)`` and, lazily, ``M(eta)`` and the gradient of ``F`` there.
+class _PartPoint:
+    """One part's share of an ``_EtaPoint`` (``_Part``: the quadratic is a sum over parts).
 
-    With ``Q = S R S + lam I`` on the support (``S = diag(sqrt(eta))``) and ``rhs = S B^T``:
-    ``psi = -1/2 <rhs, Q^{-1} rhs> + lam/2 sum eta`` and ``M = (Q^{-1} rhs)^T S``.
+    With ``Q = S R S + lam I`` on the part's support (``S = diag(sqrt(eta))``) and ``rhs = S B^T``,
+    its share of ``psi`` is ``-1/2 <rhs, Q^{-1} rhs>`` and its block of ``M`` is ``(Q^{-1} rhs)^T S``.
 
-    Dense ``R``: ``Q = L L^T`` (Cholesky, O(p^3) on a support of p columns), ``X = L^{-1} rhs``
-    (one triangular solve: what the line search needs), ``psi = -1/2 ||X||^2 + ...``.
+    Dense ``R``: ``Q = L L^T`` (Cholesky, O(p^3) on a support of p columns), ``X = L^{-1} rhs``.
 
     Low-rank ``R = F F^T``: with ``U = S F = Q_u R_u`` (thin QR) and ``R_u = P diag(sigma) Z^T``
     (SVD, ``Z`` square), ``c = P^T Q_u^T rhs`` and ``b = rhs - Q_u Q_u^T rhs`` (the part of ``rhs``
@@ -624,84 +705,111 @@ class _EtaPoint:
         Q^{-1} rhs = Q_u P diag(1 / (sigma^2 + lam)) c + b / lam
 
     (``Q`` acts as ``Q_u P diag(sigma^2 + lam) P^T Q_u^T`` on the range of ``U`` and as ``lam I`` on
-    its complement): O(p r h), ``psi`` a sum of non-negative terms, and no factorisation that
-    rounding can make indefinite however small ``lam`` is.
+    its complement): O(p r h), the share of ``psi`` a sum of non-negative terms, and no factorisation
+    that rounding can make indefinite however small ``lam`` is.
     """
 
-    def __init__(self, prob: _Reduced, eta: Tensor, lam: float):
-        self.prob, self.eta, self.lam = prob, eta, lam
-        self.pcols = torch.nonzero(eta[prob.grp] > 0).flatten()
+    def __init__(self, prob: _Reduced, part: _Part, eta: Tensor, lam: float):
+        self.prob, self.part, self.lam = prob, part, lam
+        self.local = torch.nonzero(eta[prob.grp[part.cols]] > 0).flatten()
+        self.pcols = part.cols[self.local]
         self.s = eta[prob.grp[self.pcols]].sqrt()
-        rhs = (prob.B[:, self.pcols] * self.s).T
-        self.lowrank = prob.F is not None
-        if self.lowrank:
-            Qu, Ru = torch.linalg.qr(self.s[:, None] * prob.F[self.pcols])
-            P, self._sigma2, self._Zt = torch.linalg.svd(Ru, full_matrices=True)
-            self._sigma2 = self._sigma2.square()
+        rhs = (self._B(self.pcols) * self.s).T
+        if part.F is not None:
+            Qu, Ru = torch.linalg.qr(self.s[:, None] * part.F[self.local])
+            P, sigma, self._Zt = torch.linalg.svd(Ru, full_matrices=True)
+            self._sigma2 = sigma.square()
             self._QuP = Qu @ P
             self._c = self._QuP.T @ rhs
             self._b = rhs - self._QuP @ self._c
-            quad = float((self._c.square() / (self._sigma2[:, None] + lam)).sum()) + float(self._b.square().sum()) / lam
+            self.quad = float((self._c.square() / (self._sigma2[:, None] + lam)).sum()) + \
+                float(self._b.square().sum()) / lam
         else:
             Q = self.s[:, None] * _block(prob.R, self.pcols, self.pcols) * self.s[None, :]
             Q.diagonal().add_(lam)
             self.L = _cholesky(Q)
             self._X = torch.linalg.solve_triangular(self.L, rhs, upper=False)
-            quad = float(self._X.square().sum())
-        self.psi = -0.5 * quad + 0.5 * lam * float(eta.sum())
-        self._support_M = None
-        self._grad = None
+            self.quad = float(self._X.square().sum())
 
-    @property
-    def Mp_support(self) -> Tensor:
-        if self._support_M is None:
-            if self.lowrank:
-                solved = self._QuP @ (self._c / (self._sigma2[:, None] + self.lam)) + self._b / self.lam
-            else:
-                solved = torch.linalg.solve_triangular(self.L.T, self._X, upper=True)
-            self._support_M = solved.T * self.s
-        return self._support_M
+    def _B(self, cols: Tensor) -> Tensor:
+        rows = self.part.rows
+        return self.prob.B[:, cols] if rows is None else self.prob.B[rows[:, None], cols]
 
-    @property
-    def Mp(self) -> Tensor:
-        Mp = torch.zeros_like(self.prob.B)
-        Mp[:, self.pcols] = self.Mp_support
-        return Mp
+    @functools.cached_property
+    def M(self) -> Tensor:
+        """``M`` on the part's rows and support columns."""
+        if self.part.F is not None:
+            solved = self._QuP @ (self._c / (self._sigma2[:, None] + self.lam)) + self._b / self.lam
+        else:
+            solved = torch.linalg.solve_triangular(self.L.T, self._X, upper=True)
+        return solved.T * self.s
 
-    @property
     def grad(self) -> Tensor:
-        if self._grad is None:
-            if self.lowrank:
-                self._grad = (self.Mp_support @ self.prob.F[self.pcols]) @ self.prob.F.T - self.prob.B
-            else:
-                self._grad = self.Mp_support @ self.prob.R[self.pcols] - self.prob.B
-        return self._grad
+        """The gradient ``M R - B`` on the part's rows and columns."""
+        if self.part.F is not None:
+            return (self.M @ self.part.F[self.local]) @ self.part.F.T - self._B(self.part.cols)
+        return self.M @ _block(self.prob.R, self.pcols, self.part.cols) - self._B(self.part.cols)
 
-    def _curvature(self, free_cols: Tensor) -> Tensor:
-        """``R - R S Q^{-1} S R`` on the free columns.  Low rank: by the push-through identity
+    def curvature(self, free_cols: Tensor, free_local: Tensor) -> Tensor:
+        """``R - R S Q^{-1} S R`` on free columns of the part.  Low rank: by the push-through identity
         ``U^T Q^{-1} U = I - lam (U^T U + lam I)^{-1}``, it is ``F Z diag(w) Z^T F^T`` with
         ``w = lam / (sigma^2 + lam)`` (1 beyond the rank of ``U``): positive semidefinite by
         construction."""
-        if self.lowrank:
+        if self.part.F is not None:
             w = torch.ones(self._Zt.shape[0], dtype=_F64, device=self._Zt.device)
             w[: self._sigma2.numel()] = self.lam / (self._sigma2 + self.lam)
-            V = (self.prob.F[free_cols] @ self._Zt.T) * w.sqrt()
+            V = (self.part.F[free_local] @ self._Zt.T) * w.sqrt()
             return V @ V.T
         R = self.prob.R
         Y = torch.linalg.solve_triangular(self.L, self.s[:, None] * _block(R, self.pcols, free_cols), upper=False)
         return _block(R, free_cols, free_cols) - Y.T @ Y
 
+
+class _EtaPoint:
+    """``psi(eta) = sum over parts of their share + lam/2 sum eta`` and, lazily, ``M(eta)`` and the
+    gradient of ``F`` there (``_PartPoint``)."""
+
+    def __init__(self, prob: _Reduced, eta: Tensor, lam: float):
+        self.prob, self.eta, self.lam = prob, eta, lam
+        self.points = [_PartPoint(prob, part, eta, lam) for part in prob.parts]
+        self.psi = -0.5 * sum(point.quad for point in self.points) + 0.5 * lam * float(eta.sum())
+        self._grad = None
+
+    def _rows(self, point: _PartPoint) -> Tensor:
+        return point.part.row_index(self.prob.B)
+
+    @property
+    def Mp(self) -> Tensor:
+        Mp = torch.zeros_like(self.prob.B)
+        for point in self.points:
+            Mp[self._rows(point)[:, None], point.pcols] = point.M
+        return Mp
+
+    @property
+    def grad(self) -> Tensor:
+        if self._grad is None:
+            G = torch.zeros_like(self.prob.B)
+            for point in self.points:
+                G[self._rows(point)[:, None], point.part.cols] = point.grad()
+            self._grad = G
+        return self._grad
+
     def hessian(self, free_cols: Tensor, free_grp: Tensor, n_free: int) -> Tensor:
-        """``H = E^T [(G^T G) o (R - R S Q^{-1} S R)] E / lam^2`` on the free groups."""
-        Gf = self.grad[:, free_cols]
-        A = self._curvature(free_cols)
-        A.mul_(Gf.T @ Gf).div_(self.lam**2)
-        if n_free == A.shape[0]:  # one column per group: E is a permutation
-            order = torch.empty_like(free_grp)
-            order[free_grp] = torch.arange(n_free, device=free_grp.device)
-            return _block(A, order, order)
-        rows = torch.zeros(n_free, A.shape[1], dtype=A.dtype, device=A.device).index_add_(0, free_grp, A)
-        return torch.zeros(n_free, n_free, dtype=A.dtype, device=A.device).index_add_(1, free_grp, rows)
+        """``H = sum over parts of E^T [(G^T G) o (R - R S Q^{-1} S R)] E / lam^2`` on the free groups."""
+        position = torch.full((self.prob.B.shape[1],), -1, dtype=torch.long, device=free_cols.device)
+        H = torch.zeros(n_free, n_free, dtype=_F64, device=free_cols.device)
+        for point in self.points:
+            position[point.part.cols] = torch.arange(point.part.cols.numel(), device=free_cols.device)
+            inside = torch.isin(free_cols, point.part.cols)
+            cols, grp = free_cols[inside], free_grp[inside]
+            if cols.numel() == 0:
+                continue
+            Gf = self.grad[self._rows(point)[:, None], cols]
+            A = point.curvature(cols, position[cols])
+            A.mul_(Gf.T @ Gf).div_(self.lam**2)
+            rows = torch.zeros(n_free, A.shape[1], dtype=A.dtype, device=A.device).index_add_(0, grp, A)
+            H.index_add_(1, grp, rows)
+        return H
 
 
 def _entry_limit(eta: Tensor, dpsi: Tensor) -> Tensor:
