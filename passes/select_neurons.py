@@ -537,6 +537,33 @@ def _check_groups(groups: list[SelectionGroup], config: SelectNeuronsConfig) -> 
                                   "whole channels): give a smaller count or a ratio, or exclude them")
 
 
+def _note_gathers_that_stay(ctx, gm: fx.GraphModule, groups: list[SelectionGroup]) -> None:
+    """Tell, before solving, which selections collapse cannot fully absorb upstream, from the channel-dependency
+    analysis (``fxcompress.graph.channels``): the consumers whose input channels no Linear/Conv makes, that an
+    op without a rule (or a normalisation over the channels) freezes, that a grouped convolution splits into
+    blocks, or that other layers read with a selection of their own (or none). There the Selector stays, in
+    part, an ONNX Gather in front of the layer."""
+    analysis = ctx.analysis("channels", gm)
+    for group in groups:
+        names = {c.node.name for c in group.consumers}
+        for consumer in group.consumers:
+            channels = analysis.consumer_group(consumer.node.name)
+            if channels is None:
+                continue
+            why = list(channels.frozen_by) + [f"normalised by {n}" for n in channels.normalized_by]
+            if not channels.producers:
+                why.append("no Linear/Conv makes these channels")
+            if channels.blocks > 1:
+                why.append(f"split into {channels.blocks} blocks by a grouped op")
+            others = sorted({port.module or port.node for port in channels.consumers if port.node not in names})
+            if others:
+                why.append(f"also read by {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} "
+                           "with a selection of their own")
+            if why:
+                ctx.note(f"{consumer.name}: its input channels cannot all shrink upstream ({'; '.join(why[:2])}): "
+                         "the selection may stay a Gather in front of it (see `fxcompress inspect --groups`)")
+
+
 def _partial(mask: Tensor | None) -> Tensor | None:
     """A bool row mask when only some (but not no) outputs are read downstream, else None (all rows)."""
     return mask if mask is not None and bool(mask.any()) and not bool(mask.all()) else None
@@ -582,6 +609,7 @@ def select_neurons(gm, ctx, config):
     if not groups:
         ctx.note("no layer selected")
         return gm
+    _note_gathers_that_stay(ctx, gm, groups)
     batches = ctx.calibration_batches("select_neurons")
     sizes = _shapes_by_node(gm, shapes)
     reference = copy.deepcopy(gm) if config.chaining == "top_down" else None

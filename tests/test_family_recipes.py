@@ -70,12 +70,16 @@ def test_densenet_recipe_selects_through_concatenations(tmp_path):
     result = run_shipped("densenet_select", tmp_path)
     layer = result.model.get_submodule("features.denseblock1.denselayer2.conv1")
     assert layer.in_channels < 16 + 8
+    notes = next(p.notes for p in result.report.passes if p.name == "select_neurons")
+    assert any(note.startswith("features.denseblock1.denselayer1.conv1: its input channels cannot all shrink")
+               and "features.transition1.conv" in note for note in notes)  # the channel analysis explains Gathers
 
 
 def test_regnet_recipe_handles_grouped_convolutions_and_squeeze_excite(tmp_path):
     result = run_shipped("regnet_select", tmp_path)
     notes = next(p.notes for p in result.report.passes if p.name == "select_neurons")
     assert any("grouped convolution" in note for note in notes)
+    assert any("blocks by a grouped op" in note for note in notes)
 
 
 def test_convnext_recipe_halves_every_block_mlp(tmp_path):
