@@ -1371,7 +1371,7 @@ class _LambdaSearch:
         while True:
             out = self.solve(lo * 0.5)
             if lo_out is not None and self._saturated(out, counts):
-                return self._final(lo_out, lo, keep)
+                return self._final(lo_out, lo, keep, saturated=True)
             lo, lo_out, solves = lo * 0.5, out, solves + 1
             counts.append(self.count(out))
             if counts[-1] >= keep:
@@ -1391,19 +1391,20 @@ class _LambdaSearch:
         plateau = len(counts) >= _PLATEAU and len(set(counts[-_PLATEAU:] + [self.count(out)])) == 1
         return not out.converged or plateau
 
-    def _final(self, out: _Outcome, lam: float, keep: int) -> GroupLassoResult:
+    def _final(self, out: _Outcome, lam: float, keep: int, saturated: bool = False) -> GroupLassoResult:
         if self.count(out) == keep:
             res = _result(out, lam)
         else:
-            res = self._tie_break(out, lam, keep)
+            res = self._tie_break(out, lam, keep, halve=not saturated)
         res.iterations = self.iterations
         return res
 
-    def _tie_break(self, out: _Outcome, lam: float, keep: int) -> GroupLassoResult:
+    def _tie_break(self, out: _Outcome, lam: float, keep: int, halve: bool = True) -> GroupLassoResult:
         """Keep the ``keep`` largest groups at ``lam`` (groups at zero ranked by their norm in the
-        least-squares fit of least norm) and re-solve on them alone, halving ``lam`` until none of
-        them vanishes or the path saturates; when fewer than ``keep`` groups have a non-zero input,
-        the support is padded with zero-input groups (lowest ids first)."""
+        least-squares fit of least norm) and re-solve on them alone, halving ``lam`` (unless the path
+        has saturated already) until none of them vanishes or the path saturates; when fewer than
+        ``keep`` groups have a non-zero input, the support is padded with zero-input groups (lowest ids
+        first)."""
         norms = torch.zeros(self.prob.n_groups, dtype=_F64, device=out.Mp.device)
         norms[torch.searchsorted(self.prob.group_ids, out.prob.group_ids)] = out.prob.group_sq(out.Mp)
         fit_norms = self.prob.group_sq(self.prob.W_ls)
@@ -1414,7 +1415,7 @@ class _LambdaSearch:
         sub = self.prob.restrict(chosen)
         final = self.solve(lam, prob=sub, Mp0=self._widen(out)[:, chosen[self.prob.grp]])
         counts = []
-        for halvings in range(61):
+        for halvings in range(61 if halve else 0):
             if self.count(final) == sub.n_groups or lam == 0.0:
                 break
             counts.append(self.count(final))
