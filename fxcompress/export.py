@@ -54,7 +54,13 @@ def run_onnx(session, inputs: tuple) -> list[np.ndarray]:
 
 def check_parity(path: str | Path, model: nn.Module, inputs: tuple, *, rtol: float = 1e-3,
                  atol: float = 1e-4) -> float:
-    """Max |onnxruntime - torch| on `inputs`; raises VerificationError beyond `atol + rtol * |torch|`."""
+    """Max |onnxruntime - torch| on `inputs`; raises VerificationError beyond `atol + rtol * max|torch|` on any
+    output tensor.
+
+    The bound scales with the output's largest magnitude, not with each element: the two runtimes sum in
+    different orders in float32, so their difference is a rounding error of the sums, which is as large on an
+    output element near zero as on the largest one (an elementwise bound rejected a compressed resnet50 with
+    random weights over a 4.6e-4 difference)."""
     with torch.no_grad():
         expected = _flat_outputs(model(*inputs))
     got = run_onnx(onnx_session(path), inputs)
@@ -66,7 +72,7 @@ def check_parity(path: str | Path, model: nn.Module, inputs: tuple, *, rtol: flo
             raise VerificationError(f"ONNX output shape {g.shape} differs from torch {e.shape}")
         err = np.abs(e.astype(np.float64) - g.astype(np.float64))
         worst = max(worst, float(err.max()) if err.size else 0.0)
-        if not np.all(err <= atol + rtol * np.abs(e)):
+        if err.size and not float(err.max()) <= atol + rtol * float(np.abs(e).max()):
             raise VerificationError(f"onnxruntime output deviates from torch by up to {float(err.max()):.3g} "
                                     f"(atol {atol:g}, rtol {rtol:g})")
     return worst

@@ -13,8 +13,8 @@ class ExportOnnxConfig(PassConfig):
     path: str = Field("model.onnx", description="output file; relative paths go to the run's output folder")
     verify: bool = Field(True, description="run the file in onnxruntime and compare with torch")
     dynamic_batch: bool = True
-    rtol: float = Field(1e-3, ge=0)
-    atol: float = Field(1e-4, ge=0)
+    rtol: float = Field(1e-3, ge=0, description="parity tolerance relative to each output's largest magnitude")
+    atol: float = Field(1e-4, ge=0, description="absolute parity tolerance added to rtol's")
     opset: int | None = None
     latency: bool = Field(False, description="also time the original and the exported model in onnxruntime")
     latency_batches: list[int] = Field([1, 32], min_length=1, description="batch sizes timed")
