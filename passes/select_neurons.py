@@ -28,6 +28,7 @@ Configuration (``SelectNeuronsConfig``)::
         residual: joint             # joint | dynamic
         min_keep: 1                 # never keep fewer inputs than this (capped at the layer's inputs)
         select_graph_inputs: false  # also select among raw model inputs (a dynamic input sampler)
+        max_columns: 16384          # skip a (joint) group whose statistics have more columns than this
 
 ``keep`` gives each layer (each joint group) exactly ``round(keep * inputs)`` (or ``keep``) inputs
 by bisection on ``lam`` (``search_lambda``).  ``lam`` solves once per layer at
@@ -135,6 +136,8 @@ class SelectNeuronsConfig(TargetedConfig):
                              "dynamic: each layer on its own")
     min_keep: int = Field(1, ge=1, description="safety floor on the inputs kept per layer")
     select_graph_inputs: bool = Field(False, description="also select among the raw inputs of the model")
+    max_columns: int = Field(16384, ge=1, description="skip a layer (joint group) whose statistics have more "
+                                                      "columns than this: R_xx takes 8 columns^2 bytes")
 
     @field_validator("keep")
     @classmethod
@@ -564,6 +567,25 @@ def _note_gathers_that_stay(ctx, gm: fx.GraphModule, groups: list[SelectionGroup
                          "the selection may stay a Gather in front of it (see `fxcompress inspect --groups`)")
 
 
+def _columns(gm: fx.GraphModule, group: SelectionGroup) -> int:
+    """Columns of the group's joint statistics: every consumer's weight inputs plus its bias column."""
+    return sum(gm.get_submodule(c.name).weight[0].numel() + 1 for c in group.consumers)
+
+
+def _affordable(ctx, gm: fx.GraphModule, groups: list[SelectionGroup], config) -> list[SelectionGroup]:
+    """The groups whose statistics fit `max_columns`; the others are skipped with a note."""
+    kept = []
+    for group in groups:
+        columns = _columns(gm, group)
+        if columns <= config.max_columns:
+            kept.append(group)
+            continue
+        ctx.note(f"skipped {', '.join(group.names)}: {columns:,} input columns (R_xx would take "
+                 f"{8 * columns ** 2 / 2 ** 30:.1f} GiB) exceed max_columns {config.max_columns:,}; raise max_columns "
+                 "to select them")
+    return kept
+
+
 def _partial(mask: Tensor | None) -> Tensor | None:
     """A bool row mask when only some (but not no) outputs are read downstream, else None (all rows)."""
     return mask if mask is not None and bool(mask.any()) and not bool(mask.all()) else None
@@ -602,6 +624,7 @@ def select_neurons(gm, ctx, config):
     groups, skipped = plan_groups(gm, names, shapes, joint=config.residual == "joint",
                                   graph_inputs=config.select_graph_inputs)
     _check_groups(groups, config)
+    groups = _affordable(ctx, gm, groups, config)
     for name in grouped:
         ctx.note(f"skipped {name}: grouped convolution (select the inputs of the layer after it instead)")
     for name, reason in skipped.items():

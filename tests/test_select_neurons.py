@@ -110,6 +110,19 @@ def test_graph_inputs_are_sampled_only_when_asked(lenet300):
     assert result.model(x).shape == (5, 10)
 
 
+def test_layers_with_more_columns_than_max_columns_are_skipped_with_a_note():
+    model = SmallMLP().eval()
+    calibration = [torch.randn(128, 8) for _ in range(4)]
+    result = select(model, {"keep": 0.5, "targets": ["fc2"], "max_columns": 32}, input_shape=(1, 8),
+                    calibration=calibration)
+    notes = result.report.passes[0].notes
+    assert any(n.startswith("skipped fc2: 33 input columns") and "max_columns 32" in n for n in notes)
+    assert not selectors(result.model) and result.model.fc2.in_features == 32
+    kept = select(model, {"keep": 0.5, "targets": ["fc2"], "max_columns": 33}, input_shape=(1, 8),
+                  calibration=calibration)
+    assert selectors(kept.model)["fc2"].keep.numel() == 16
+
+
 def test_lam_zero_gives_back_the_weights_on_full_rank_data():
     model = SmallMLP().eval()
     calibration = [torch.randn(128, 8) for _ in range(4)]
