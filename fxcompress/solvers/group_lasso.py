@@ -1353,8 +1353,10 @@ class _LambdaSearch:
         return _support_size(out.prob, out.Mp)
 
     def run(self, keep: int, max_solves: int) -> GroupLassoResult:
-        """Halve ``lam`` from ``lambda_max`` until at least ``keep`` groups survive, then bisect
-        ``log lam`` on the bracket ``count(lo) > keep > count(hi)``.
+        """Halve ``lam`` from ``lambda_max`` until at least ``keep`` groups survive, then shrink the
+        bracket ``count(lo) > keep > count(hi)`` in ``log lam`` by interpolating the counts linearly
+        (regula falsi, the step kept within 15-85% of the bracket), bisecting instead after two
+        moves of the same end (the Illinois safeguard against one-sided convergence).
 
         The halving stops early where the path *saturates*: a solve that no longer reaches ``tol``,
         or a count unchanged over ``_PLATEAU`` halvings.  Statistics of fewer calibration rows than
@@ -1377,13 +1379,18 @@ class _LambdaSearch:
             if counts[-1] >= keep:
                 break
             hi = lo
+        hi_count, side = (counts[-2] if len(counts) > 1 else 0), None
         while self.count(lo_out) != keep and solves < max_solves and hi / lo - 1 > 1e-12:
-            mid, solves = math.sqrt(lo * hi), solves + 1
+            lo_count = self.count(lo_out)
+            t = 0.5 if side == "repeat" else min(max((lo_count - keep) / (lo_count - hi_count), 0.15), 0.85)
+            mid, solves = lo * (hi / lo) ** t, solves + 1
             out = self.solve(mid)
-            if self.count(out) >= keep:
+            moved = "lo" if self.count(out) >= keep else "hi"
+            side = "repeat" if moved == side else moved
+            if moved == "lo":
                 lo, lo_out = mid, out
             else:
-                hi = mid
+                hi, hi_count = mid, self.count(out)
         return self._final(lo_out, lo, keep)
 
     def _saturated(self, out: _Outcome, counts: list[int]) -> bool:
