@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import sys
 import tempfile
@@ -28,14 +27,11 @@ from pathlib import Path
 import torch
 
 import fxcompress
+import zoo
 from fxcompress.export import compare_latency, export_onnx
 from fxcompress.selector import Selector
 
 RESULTS = Path(__file__).resolve().parent / "results"
-_spec = importlib.util.spec_from_file_location("zoo_benchmark", Path(__file__).resolve().parent / "zoo.py")
-zoo = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = zoo
-_spec.loader.exec_module(zoo)
 
 
 def recipe(size: int, samples: int, repeats: int) -> dict:
@@ -60,7 +56,7 @@ def _row(tool, before, after, seconds, gathers, latency) -> dict:
 
 def run_fxcompress(name: str, size: int, samples: int, repeats: int) -> dict:
     model = zoo.build_model(name)
-    inputs = (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),)
+    inputs = zoo.example_input(size)
     before = zoo.measure(model, inputs)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
@@ -73,16 +69,13 @@ def run_fxcompress(name: str, size: int, samples: int, repeats: int) -> dict:
 
 
 def run_torch_pruning(name: str, size: int, repeats: int) -> dict:
-    import torch_pruning as tp
     model = zoo.build_model(name)
-    inputs = (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),)
-    analysis = fxcompress.graph.channels.channel_groups(fxcompress.trace(model), inputs)
-    ignored = [model.get_submodule(n) for n in zoo.output_layers(analysis)]
+    inputs = zoo.example_input(size)
+    ignored = zoo.output_layers(fxcompress.channel_groups(fxcompress.trace(model), inputs))
     before = zoo.measure(model, inputs)
     original = copy.deepcopy(model)
     start = time.perf_counter()
-    tp.pruner.MetaPruner(model, inputs[0], importance=tp.importance.GroupMagnitudeImportance(p=2),
-                         pruning_ratio=0.5, ignored_layers=ignored).step()
+    zoo.prune_with_torch_pruning(model, inputs[0], ignored)
     seconds = time.perf_counter() - start
     after = zoo.measure(model, inputs)
     with tempfile.TemporaryDirectory() as out:

@@ -98,6 +98,11 @@ def build_model(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, **options).eval()
 
 
+def example_input(size: int) -> tuple[torch.Tensor]:
+    """The fixed 1x3xSxS input both tools are measured and exported on."""
+    return (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),)
+
+
 def zoo_recipe(size: int, samples: int = CALIBRATION_SAMPLES) -> dict:
     """The recipe every zoo model gets: fold BN, select 50% + collapse, low rank at energy 0.9, ONNX; the exact
     passes (fold_batchnorm, collapse) are checked in float64 (`verify`)."""
@@ -150,7 +155,7 @@ def run_fxcompress(model: nn.Module, size: int, workdir: Path,
     """The zoo recipe through fxcompress.compress; returns the record and the exception, if any."""
     import fxcompress
     record = ToolRecord()
-    inputs = (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),)
+    inputs = example_input(size)
     start = time.perf_counter()
     try:
         record.params_before, record.macs_before = measure(model, inputs)
@@ -172,17 +177,22 @@ def output_layers(analysis) -> list[str]:
                    for p in g.producers if p.module is not None})
 
 
-def run_torch_pruning(model: nn.Module, size: int, ignored: list[str]) -> ToolRecord:
-    """torch-pruning's MetaPruner with GroupMagnitudeImportance, 50% of the channels of every group."""
+def prune_with_torch_pruning(model: nn.Module, example: torch.Tensor, ignored: list[str]) -> None:
+    """torch-pruning's MetaPruner with GroupMagnitudeImportance removing 50% of the channels of every group of
+    `model`, in place; the modules named in `ignored` keep their outputs."""
     import torch_pruning as tp
+    tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.5,
+                         ignored_layers=[model.get_submodule(n) for n in ignored]).step()
+
+
+def run_torch_pruning(model: nn.Module, size: int, ignored: list[str]) -> ToolRecord:
+    """`prune_with_torch_pruning` recorded: sizes before/after, seconds, or the failure."""
     record = ToolRecord()
-    inputs = (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),)
+    inputs = example_input(size)
     start = time.perf_counter()
     try:
         record.params_before, record.macs_before = measure(model, inputs)
-        pruner = tp.pruner.MetaPruner(model, inputs[0], importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=0.5, ignored_layers=[model.get_submodule(n) for n in ignored])
-        pruner.step()
+        prune_with_torch_pruning(model, inputs[0], ignored)
         with torch.no_grad():
             model(*inputs)
         record.params_after, record.macs_after = measure(model, inputs)
