@@ -443,16 +443,15 @@ def _solve(blocks: list[_Block], config: SelectNeuronsConfig, channels: int) -> 
     Ryx = torch.block_diag(*[b.Ryx * b.scale for b in blocks])
     groups = torch.cat([b.groups for b in blocks])
     options = {"solver": config.solver, "tol": config.tol}
-    lam_max = lambda_max(Rxx, Ryx, groups)
     floor = min(config.min_keep, channels)
     if config.keep is not None:
         result = search_lambda(Rxx, Ryx, _keep_count(config, channels), groups, **options)
     else:
-        result = group_lasso(Rxx, Ryx, config.lam * lam_max, groups, **options)
+        result = group_lasso(Rxx, Ryx, config.lam * lambda_max(Rxx, Ryx, groups), groups, **options)
         if int(result.support.sum()) < floor:
             result = search_lambda(Rxx, Ryx, floor, groups, **options)
     M = debias(Rxx, Ryx, support_columns(result.support, groups)) if config.debias else result.M
-    return _Solution(result.support, _split(M, blocks), result.lam, lam_max, time.perf_counter() - start)
+    return _Solution(result.support, _split(M, blocks), result.lam, result.lam_max, time.perf_counter() - start)
 
 
 def _split(M: Tensor, blocks: list[_Block]) -> list[Tensor]:

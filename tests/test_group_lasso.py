@@ -217,6 +217,8 @@ def test_lambda_max_is_the_zero_threshold(grouped_problem):
         assert torch.all(at.M[:, :-1] == 0)
         below = group_lasso(R, B, 0.999 * lmax, groups, solver=solver, tol=1e-9)
         assert below.support.sum() >= 1, solver
+        assert at.lam_max == below.lam_max == pytest.approx(lmax, rel=1e-12)
+    assert search_lambda(R, B, 3, groups).lam_max == pytest.approx(lmax, rel=1e-12)
 
 
 def test_unpenalised_column_is_never_zeroed(grouped_problem):

@@ -136,6 +136,7 @@ class GroupLassoResult:
         converged: ``rel_gap <= tol`` was reached.
         support: bool tensor over the groups ``0 .. G-1``, True where the group is kept.
         lam: the penalty.
+        lam_max: the smallest penalty that removes every penalised group (:func:`lambda_max`).
         solver: the solver that produced ``M`` (``"lstsq"`` for the exact ``lam == 0`` solve).
         tie_broken: only from :func:`search_lambda`: no ``lam`` left exactly ``keep`` groups, so the
             ``keep`` largest groups (by norm) were kept and the problem re-solved on them.
@@ -149,6 +150,7 @@ class GroupLassoResult:
     converged: bool
     support: Tensor
     lam: float
+    lam_max: float
     solver: str
     tie_broken: bool = False
 
@@ -389,6 +391,11 @@ class _Reduced:
         )
 
     @property
+    def lambda_max(self) -> float:
+        """The smallest ``lam`` that zeroes every penalised group (see :func:`lambda_max`)."""
+        return float(self.group_sq(self.B).sqrt().max()) if self.n_groups else 0.0
+
+    @property
     def energy(self) -> float:
         """The consistent ``c`` of the duality gap."""
         return self.fit.energy
@@ -474,10 +481,11 @@ def _prepare(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor], ryy, factor: bo
     group_ids, cgrp = torch.unique(grp[pcols], return_inverse=True)
     block_bound = _segment_sum(Rp.diagonal(), cgrp, group_ids.numel())
     parts = _parts(Rp, Bp) if factor else [_Part(torch.arange(Rp.shape[0], device=R.device), None, None)]
-    outputs = _output_basis(Bp, Bu, parts) if factor else None
+    reduced = _output_basis(Bp, Bu, parts) if factor else None
+    outputs = None if reduced is None else reduced[0]
     energy = _given_energy(ryy, Bu, B[:, ucols])
     if outputs is not None:
-        Bp, Bu, parts = outputs.T @ Bp, outputs.T @ Bu, _parts_on_reduced_rows(outputs, parts)
+        Bp, Bu, parts = outputs.T @ Bp, outputs.T @ Bu, reduced[1]
     return _Reduced(
         base_R=Rp, B=Bp, grp=cgrp, n_groups=group_ids.numel(), group_ids=group_ids, cols=pcols,
         ucols=ucols, Z=Z, Bu=Bu, fit=_LeastSquares(Rp, Bp, energy), parts=parts,
@@ -529,9 +537,10 @@ def _parts(R: Tensor, B: Tensor) -> list[_Part]:
     return parts
 
 
-def _output_basis(Bp: Tensor, Bu: Tensor, parts: list[_Part]) -> Optional[Tensor]:
+def _output_basis(Bp: Tensor, Bu: Tensor, parts: list[_Part]) -> Optional[tuple[Tensor, list[_Part]]]:
     """Reduction 4: an orthonormal ``Q`` (h x k) whose columns span those of ``[B', B_u]``, with
-    k below h/2, when every part is low rank and the parts reach disjoint rows of ``B``; else None.
+    k below h/2, when every part is low rank and the parts reach disjoint rows of ``B``, and the parts
+    with their rows renumbered to the columns of ``Q``; else None.
 
     Writing ``M = Q M~ + M_perp`` with ``Q^T M_perp = 0``, the quadratic splits
     (``<M, B> = <M~, Q^T B>``, ``tr(M R M^T) = tr(M~ R M~^T) + tr(M_perp R M_perp^T)``) and so does
@@ -543,7 +552,7 @@ def _output_basis(Bp: Tensor, Bu: Tensor, parts: list[_Part]) -> Optional[Tensor
     h = Bp.shape[0]
     if h < 16 or any(part.F is None for part in parts):
         return None
-    rows = [torch.arange(h, device=Bp.device) if part.rows is None else part.rows for part in parts]
+    rows = [part.row_index(Bp) for part in parts]
     owner = torch.full((h,), -1, dtype=torch.long, device=Bp.device)
     for index, part_rows in enumerate(rows):
         if bool((owner[part_rows] >= 0).any()):
@@ -567,23 +576,13 @@ def _output_basis(Bp: Tensor, Bu: Tensor, parts: list[_Part]) -> Optional[Tensor
     if k > h // 2:
         return None
     Q = torch.zeros(h, k, dtype=Bp.dtype, device=Bp.device)
-    col = 0
-    for part_rows, block in blocks:
+    reduced, col = [], 0
+    for part, (part_rows, block) in zip(parts, blocks):
         Q[part_rows, col:col + block.shape[1]] = block
+        span = torch.arange(col, col + block.shape[1], device=Bp.device)
+        reduced.append(_Part(part.cols, None if span.numel() == k else span, part.F))
         col += block.shape[1]
-    return Q
-
-
-def _parts_on_reduced_rows(Q: Tensor, parts: list[_Part]) -> list[_Part]:
-    """The parts with their rows renumbered to the columns of the block-diagonal ``Q``."""
-    out = []
-    for part in parts:
-        if part.rows is None:
-            out.append(_Part(part.cols, None, part.F))
-            continue
-        reach = torch.nonzero((Q[part.rows] != 0).any(0)).flatten()
-        out.append(_Part(part.cols, None if reach.numel() == Q.shape[1] else reach, part.F))
-    return out
+    return Q, reduced
 
 
 def _given_energy(ryy, Bu: Tensor, Bu_raw: Tensor) -> Optional[float]:
@@ -775,14 +774,11 @@ class _EtaPoint:
         self.psi = -0.5 * sum(point.quad for point in self.points) + 0.5 * lam * float(eta.sum())
         self._grad = None
 
-    def _rows(self, point: _PartPoint) -> Tensor:
-        return point.part.row_index(self.prob.B)
-
     @property
     def Mp(self) -> Tensor:
         Mp = torch.zeros_like(self.prob.B)
         for point in self.points:
-            Mp[self._rows(point)[:, None], point.pcols] = point.M
+            Mp[point.part.row_index(self.prob.B)[:, None], point.pcols] = point.M
         return Mp
 
     @property
@@ -790,7 +786,7 @@ class _EtaPoint:
         if self._grad is None:
             G = torch.zeros_like(self.prob.B)
             for point in self.points:
-                G[self._rows(point)[:, None], point.part.cols] = point.grad()
+                G[point.part.row_index(self.prob.B)[:, None], point.part.cols] = point.grad()
             self._grad = G
         return self._grad
 
@@ -804,7 +800,7 @@ class _EtaPoint:
             cols, grp = free_cols[inside], free_grp[inside]
             if cols.numel() == 0:
                 continue
-            Gf = self.grad[self._rows(point)[:, None], cols]
+            Gf = self.grad[point.part.row_index(self.prob.B)[:, None], cols]
             A = point.curvature(cols, position[cols])
             A.mul_(Gf.T @ Gf).div_(self.lam**2)
             rows = torch.zeros(n_free, A.shape[1], dtype=A.dtype, device=A.device).index_add_(0, grp, A)
@@ -1151,11 +1147,11 @@ def _run(prob: _Reduced, lam: float, solver: str, Mp0, tol, max_iter, q, warm_st
     return out
 
 
-def _result(out: _Outcome, lam: float, tie_broken: bool = False) -> GroupLassoResult:
+def _result(out: _Outcome, lam: float, lam_max: float, tie_broken: bool = False) -> GroupLassoResult:
     return GroupLassoResult(
         M=out.prob.lift(out.Mp), objective=out.cert.primal, gap=out.cert.gap, rel_gap=out.cert.rel_gap,
         iterations=out.iterations, converged=out.converged, support=out.prob.support(out.Mp),
-        lam=lam, solver=out.solver, tie_broken=tie_broken,
+        lam=lam, lam_max=lam_max, solver=out.solver, tie_broken=tie_broken,
     )
 
 
@@ -1235,7 +1231,7 @@ def group_lasso(
     lam = float(lam)
     prob = _prepare(Rxx, Ryx, groups, ryy)
     out = _run(prob, lam, solver, _reduce_start(prob, M0), tol, max_iter, q, warm_start, warm_iter, progress, max_time)
-    return _result(out, lam)
+    return _result(out, lam, prob.lambda_max)
 
 
 def lambda_max(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor] = None) -> float:
@@ -1245,8 +1241,7 @@ def lambda_max(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor] = None) -> flo
     docstring, reduction), and ``0`` is optimal iff ``||B'_g||_F <= lam`` for all g.  Returns 0.0
     when there is no (alive) penalised group.
     """
-    prob = _prepare(Rxx, Ryx, groups, None, factor=False)
-    return float(prob.group_sq(prob.B).sqrt().max()) if prob.n_groups else 0.0
+    return _prepare(Rxx, Ryx, groups, None, factor=False).lambda_max
 
 
 @_single_threaded_when_small
@@ -1364,7 +1359,7 @@ class _LambdaSearch:
         the one of least group norm, whose support can be smaller than ``keep``, and the problem
         becomes too ill-conditioned to solve: smaller ``lam`` only adds noise.  ``keep`` is then
         completed by the tie-break."""
-        hi = float(self.prob.group_sq(self.prob.B).sqrt().max()) if self.prob.n_groups else 0.0
+        hi = self.prob.lambda_max
         if keep == 0:
             return self._final(self.solve(hi), hi, keep)
         if keep >= self.prob.n_groups:
@@ -1400,7 +1395,7 @@ class _LambdaSearch:
 
     def _final(self, out: _Outcome, lam: float, keep: int, saturated: bool = False) -> GroupLassoResult:
         if self.count(out) == keep:
-            res = _result(out, lam)
+            res = _result(out, lam, self.prob.lambda_max)
         else:
             res = self._tie_break(out, lam, keep, halve=not saturated)
         res.iterations = self.iterations
@@ -1431,7 +1426,7 @@ class _LambdaSearch:
             if self._saturated(trial, counts):
                 break
             final, lam = trial, trial_lam
-        res = _result(final, lam, tie_broken=True)
+        res = _result(final, lam, self.prob.lambda_max, tie_broken=True)
         res.support[sub.group_ids] = True
         missing = keep - int(res.support.sum())
         if missing > 0:
