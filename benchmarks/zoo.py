@@ -19,6 +19,7 @@ every model to ``benchmarks/results/zoo.json`` and ``zoo.md``.
     python benchmarks/zoo.py                      # every model
     python benchmarks/zoo.py --models ci          # the CI subset of tests/test_zoo.py
     python benchmarks/zoo.py --models resnet18 vgg11 --timeout 600 --no-torch-pruning
+    python benchmarks/zoo.py --models vgg13 vgg16 --merge   # add/replace these rows in the existing table
 """
 from __future__ import annotations
 
@@ -159,7 +160,7 @@ def run_fxcompress(model: nn.Module, size: int, workdir: Path,
     start = time.perf_counter()
     try:
         record.params_before, record.macs_before = measure(model, inputs)
-        result = fxcompress.compress(model, zoo_recipe(size, samples), example_inputs=inputs, progress=False,
+        result = fxcompress.compress(model, zoo_recipe(size, samples), example_inputs=inputs, progress=True,
                                      output_dir=workdir)
         record.params_after, record.macs_after = measure(result.model, inputs)
         record.status = "ok"
@@ -228,15 +229,23 @@ def _run_isolated(name: str, tool: str, timeout: float, samples: int) -> ZooReco
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as expired:
         seconds = round(time.perf_counter() - start, 1)
-        return ZooRecord(name, input_size(name), **{tool: ToolRecord("timeout", f"over {timeout:g} s",
-                                                                     seconds=seconds)})
+        where = last_progress(expired.stderr)
+        return ZooRecord(name, input_size(name), **{tool: ToolRecord(
+            "timeout", f"over {timeout:g} s" + (f", at: {where}" if where else ""), seconds=seconds)})
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         error = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return ZooRecord(name, input_size(name), **{tool: ToolRecord("failed", f"process died: {error[:300]}")})
     return record_from_dict(json.loads(lines[-1]))
+
+
+def last_progress(stderr) -> str:
+    """The last progress-bar state a timed-out run printed (pass, layers done, current layer)."""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
+    states = [part.strip() for part in text.replace("\r", "\n").splitlines() if "it/s" in part or "s/it" in part]
+    return " ".join(states[-1].split())[:200] if states else ""
 
 
 def compare(name: str, timeout: float, torch_pruning: bool, samples: int) -> ZooRecord:
@@ -305,6 +314,21 @@ def write_results(records: list[ZooRecord], out: Path) -> None:
     (out / "zoo.md").write_text(to_markdown(records))
 
 
+def previous_records(out: Path) -> dict[str, ZooRecord]:
+    """The records of an earlier run in `out` (none if there is none), by model."""
+    path = out / "zoo.json"
+    if not path.exists():
+        return {}
+    return {data["model"]: record_from_dict({k: v for k, v in data.items() if not k.endswith("_ratios")})
+            for data in json.loads(path.read_text())}
+
+
+def in_zoo_order(records: dict[str, ZooRecord]) -> list[ZooRecord]:
+    """The records in `zoo_models()` order (others after them, by name)."""
+    order = {name: index for index, name in enumerate(zoo_models())}
+    return sorted(records.values(), key=lambda r: (order.get(r.model, len(order)), r.model))
+
+
 def _selected(models: list[str]) -> list[str]:
     if not models or models == ["all"]:
         return zoo_models()
@@ -322,6 +346,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=CALIBRATION_SAMPLES,
                         help="synthetic calibration images (few samples leave late layers' statistics low-rank, "
                              "which inflates what low_rank removes after select_neurons)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other models' records already in OUT/zoo.json (run the zoo in parts)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--tool", choices=("fxcompress", "torch_pruning"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -329,13 +355,13 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(asdict(run_model(args.one, args.tool, args.samples))))
         return 0
-    records = []
+    records = previous_records(args.out) if args.merge else {}
     for name in _selected(args.models):
         record = compare(name, args.timeout, not args.no_torch_pruning, args.samples)
-        records.append(record)
+        records[name] = record
         print(f"{name}: fxcompress {_status(record.fxcompress)} ({_cell(record.fxcompress.seconds)} s), "
               f"torch-pruning {_status(record.torch_pruning)}", flush=True)
-        write_results(records, args.out)
+        write_results(in_zoo_order(records), args.out)
     print(f"\nwrote {args.out / 'zoo.md'} and {args.out / 'zoo.json'}")
     return 0
 

@@ -463,7 +463,9 @@ def low_rank(gm, ctx, config):
     ranks = _sensitivity_ranks(ctx) if config.rank.rule == "from" else None
     stats = _collect(gm, ctx, names) if config.method == "activation" else {}
     chosen = {}
-    for index, name in enumerate(ctx.progress(names, desc="low_rank")):
+    bar = ctx.progress(names, desc="low_rank")
+    for index, name in enumerate(bar):
+        bar.set_postfix_str(name)
         rank = _compress_layer(gm, ctx, config, name, stats.get(name), ranks, ctx.seed + index)
         if rank is not None:
             chosen[name] = rank

@@ -638,7 +638,9 @@ def select_neurons(gm, ctx, config):
     stats = None if reference is not None else \
         _statistics(gm, None, [n for g in groups for n in g.names], batches, ctx.device)
     selected: dict[str, Tensor] = {}
-    for group in ctx.progress(_order(groups, config.chaining), desc="select_neurons", total=len(groups)):
+    bar = ctx.progress(_order(groups, config.chaining), desc="select_neurons", total=len(groups))
+    for group in bar:
+        bar.set_postfix_str(group.names[0] + (f" +{len(group.names) - 1} joint" if len(group.names) > 1 else ""))
         group_stats = stats or _statistics(gm, reference, group.names, batches, ctx.device)
         need = needed_channels(gm, sizes) if config.chaining == "bottom_up" else {}
         blocks = [_block(c, group_stats[c.name], _partial(need.get(c.node)), gm.get_submodule(c.name))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fxcompress.solvers.group_lasso import (
+    _descent_factor,
     GroupLassoResult,
     debias,
     group_lasso,
@@ -359,6 +360,29 @@ def test_search_lambda_with_groups_and_other_solver(grouped_problem):
         torch.testing.assert_close(group_lasso(R, B, res.lam, groups).M, res.M, atol=1e-4, rtol=0)
 
 
+def test_search_lambda_count_tolerance_completes_keep_by_tie_break():
+    # 200 one-column groups, keep 150: a 10% tolerance may stop the bracketing up to 15 groups above
+    # keep; the result still has exactly keep groups, and they are the exact search's when it lands
+    # on the path, else the largest at the stopping lam (re-solved on them alone).
+    X, Y = samples(n=400, d=200, h=12, seed=31)
+    R, B, _ = gram(X, Y)
+    exact = search_lambda(R, B, 150, count_tol=0.0)
+    loose = search_lambda(R, B, 150, count_tol=0.1)
+    assert int(exact.support.sum()) == 150 and not exact.tie_broken
+    assert int(loose.support.sum()) == 150 == int((group_norms(loose.M) > 0).sum())
+    assert loose.tie_broken or torch.equal(loose.support, exact.support)
+    assert int((loose.support & exact.support).sum()) >= 135
+
+
+def test_descent_factor_follows_the_count_growth():
+    assert _descent_factor([], [], 128) == 2.0
+    assert _descent_factor([8.0, 4.0], [3, 3], 128) == 2.0            # flat: plain halving
+    assert _descent_factor([8.0, 4.0], [3, 4], 128) == 8.0            # slow growth: the cap
+    # count ~ lam^-1 through (4, 10), (2, 20): 40 is reached at lam 1, a factor 2 below lam 2
+    assert _descent_factor([4.0, 2.0], [10, 20], 40) == pytest.approx(2.0)
+    assert _descent_factor([4.0, 2.0], [10, 20], 60) == pytest.approx(3.0)
+
+
 def test_search_lambda_breaks_ties_by_norm():
     # Orthogonal design: M_g = B_g (1 - lam / ||B_g||)_+, unique; columns 1 and 2 have equal norms
     # so they vanish at the same lam and keep=2 is reachable only by breaking the tie.
@@ -409,6 +433,8 @@ def test_bad_inputs_raise_clear_errors():
         search_lambda(R, B, 5)
     with pytest.raises(ValueError, match="unknown option"):
         search_lambda(R, B, 2, step=3)
+    with pytest.raises(ValueError, match="count_tol"):
+        search_lambda(R, B, 2, count_tol=1.5)
     with pytest.raises(ValueError, match="threshold"):
         prox_group_l21(B, None, -0.5)
     with pytest.raises(ValueError, match="keep_columns"):

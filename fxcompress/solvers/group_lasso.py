@@ -119,6 +119,7 @@ _DEAD = 1e-13  # a column whose (residualised) variance is below _DEAD * max var
 _ROUNDING = 1e-13  # relative changes of psi below this are rounding noise
 _SEARCH_NEWTON_ITER = 30  # Newton converges in ~5-15 iterations; a solve of the search past 30 has saturated
 _PLATEAU = 6  # halvings of lam with an unchanged support size that end the search for a lower bracket
+_MAX_DESCENT = 8.0  # the largest factor by which the search for a lower bracket divides lam in one step
 
 
 @dataclass
@@ -247,7 +248,8 @@ def _diagonal_blocks(A: Tensor) -> list[slice]:
     (one block for a dense matrix; several for ``torch.block_diag`` statistics)."""
     n = A.shape[0]
     idx = torch.arange(n, device=A.device)
-    last = torch.where(A != 0, idx, -1).amax(1)
+    last = torch.cat([torch.where(A[start:start + 1024] != 0, idx, -1).amax(1) for start in range(0, n, 1024)]) \
+        if n else idx  # by slabs of rows: a d x d index matrix would cost 8 d^2 bytes
     reach = torch.cummax(torch.maximum(last, idx), 0).values
     ends = (torch.nonzero(reach == idx).flatten() + 1).tolist()
     return [slice(start, end) for start, end in zip([0] + ends[:-1], ends)]
@@ -454,9 +456,9 @@ def _statistics(Rxx: Tensor, Ryx: Tensor) -> tuple[Tensor, Tensor]:
     if not (Rxx.dtype.is_floating_point and Ryx.dtype.is_floating_point):
         raise ValueError("Rxx and Ryx must be floating point tensors")
     R, B = Rxx.to(_F64), Ryx.to(_F64)
-    if not (torch.isfinite(R).all() and torch.isfinite(B).all()):
+    if not (math.isfinite(float(R.sum())) and math.isfinite(float(B.sum()))):  # a NaN or inf makes the sum one
         raise ValueError("Rxx and Ryx must be finite (found NaN or inf)")
-    return (R + R.T) / 2, B
+    return torch.add(R, R.mT).mul_(0.5), B
 
 
 def _prepare(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor], ryy, factor: bool = True) -> _Reduced:
@@ -470,14 +472,16 @@ def _prepare(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor], ryy, factor: bo
     alive = diag > _DEAD * scale
     ucols = torch.nonzero(alive & (grp < 0)).flatten()
     pcols = torch.nonzero(alive & (grp >= 0)).flatten()
-    Ruu = R[ucols][:, ucols]
-    Z = _psd_solve(Ruu, R[ucols][:, pcols])                      # R_uu^+ R_up
+    Ruu, Rup = _block(R, ucols, ucols), _block(R, ucols, pcols)
+    Z = _psd_solve(Ruu, Rup)                                      # R_uu^+ R_up
     Bu = _psd_solve(Ruu, B[:, ucols].T).T                         # B_u R_uu^+
-    Rp = R[pcols][:, pcols] - R[pcols][:, ucols] @ Z
-    Bp = B[:, pcols] - Bu @ R[ucols][:, pcols]
-    keep = Rp.diagonal() > _DEAD * scale
-    pcols, Rp, Bp, Z = pcols[keep], Rp[keep][:, keep], Bp[:, keep], Z[:, keep]
-    Rp = (Rp + Rp.T) / 2
+    keep = R.diagonal()[pcols] - (Rup * Z).sum(0) > _DEAD * scale  # the diagonal of R_pp - R_pu Z
+    pcols, Rup, Z = pcols[keep], Rup[:, keep], Z[:, keep]
+    Rp = _block(R, pcols, pcols)                                  # the d^2 work: one gather and,
+    if ucols.numel():                                             # with unpenalised columns, one
+        Rp.addmm_(Rup.T, Z, alpha=-1.0)                           # update and one symmetrisation
+        Rp = torch.add(Rp, Rp.mT).mul_(0.5)
+    Bp = B[:, pcols] - Bu @ Rup
     group_ids, cgrp = torch.unique(grp[pcols], return_inverse=True)
     block_bound = _segment_sum(Rp.diagonal(), cgrp, group_ids.numel())
     parts = _parts(Rp, Bp) if factor else [_Part(torch.arange(Rp.shape[0], device=R.device), None, None)]
@@ -1282,16 +1286,20 @@ def search_lambda(
     *,
     ryy=None,
     max_solves: int = 80,
+    count_tol: float = 0.01,
     **solver_kw,
 ) -> GroupLassoResult:
     """Find ``lam`` on the l2,1 path at which exactly ``keep`` penalised groups survive.
 
-    Bisection on ``log lam`` between ``lambda_max`` (nothing kept) and a ``lam`` keeping at least
-    ``keep`` groups (found by halving), each solve warm-started from the previous solution.  When
-    no ``lam`` gives exactly ``keep`` (groups leaving together, e.g. duplicated inputs, or
-    ``keep`` larger than the number of groups with a non-zero input) the ``keep`` groups of
-    largest norm at the smallest bracketing ``lam`` are kept, the problem is re-solved on them and
-    ``tie_broken`` is set: the result always has exactly ``keep`` groups in ``support``.
+    Bracketing on ``log lam`` between ``lambda_max`` (nothing kept) and a ``lam`` keeping at least
+    ``keep`` groups, each solve warm-started from the previous solution (see ``_LambdaSearch.run``).
+    The search stops once the bracket's lower end keeps at most ``keep + floor(count_tol * keep)``
+    groups (0 for exactly ``keep`` on the path; the default 1% spares the last solves of a large
+    ``keep``, each of which would move the count by one or two).  When it stops above ``keep``, or
+    no ``lam`` gives exactly ``keep`` (groups leaving together, e.g. duplicated inputs, or ``keep``
+    larger than the number of groups with a non-zero input), the ``keep`` groups of largest norm at
+    the smallest bracketing ``lam`` are kept, the problem is re-solved on them and ``tie_broken`` is
+    set: the result always has exactly ``keep`` groups in ``support``.
 
     ``solver_kw`` goes to :func:`group_lasso` (``solver``, ``tol``, ``max_iter``, ``q``,
     ``warm_start``, ``warm_iter``, ``progress``).  ``iterations`` sums over all solves.
@@ -1305,8 +1313,22 @@ def search_lambda(
         raise ValueError(f"unknown option(s) for search_lambda: {', '.join(sorted(unknown))}")
     kw.update(solver_kw)
     solver = _check_options(1.0, kw["solver"], kw["tol"], kw["max_iter"], kw["q"], kw["warm_start"], kw["warm_iter"])
+    if isinstance(count_tol, bool) or not isinstance(count_tol, (int, float)) or not 0 <= count_tol < 1:
+        raise ValueError(f"count_tol must be a number in [0, 1), got {count_tol!r}")
     search = _LambdaSearch(prob, solver, kw)
-    return search.run(keep, max_solves)
+    return search.run(keep, max_solves, int(count_tol * keep))
+
+
+def _descent_factor(lams: list[float], counts: list[int], keep: int) -> float:
+    """The factor dividing ``lam`` in the search for a lower bracket: 2, or, after two solves with
+    a growing non-zero count, the factor at which ``count ~ lam^-s`` (``s`` fitted through them)
+    reaches ``keep``, within ``[2, _MAX_DESCENT]``.  Counts grow slowly near ``lambda_max``
+    (a joint residual stream: 3, 4, 7, 9, 12, ... over halvings), where halving alone would take a
+    dozen solves; the cap bounds the overshoot, which the bracketing then repairs."""
+    if len(counts) < 2 or counts[-2] <= 0 or counts[-1] <= counts[-2]:
+        return 2.0
+    slope = math.log(counts[-1] / counts[-2]) / math.log(lams[-2] / lams[-1])
+    return min(max(math.exp(math.log(keep / counts[-1]) / slope), 2.0), _MAX_DESCENT)
 
 
 class _LambdaSearch:
@@ -1347,14 +1369,15 @@ class _LambdaSearch:
     def count(out: _Outcome) -> int:
         return _support_size(out.prob, out.Mp)
 
-    def run(self, keep: int, max_solves: int) -> GroupLassoResult:
-        """Halve ``lam`` from ``lambda_max`` until at least ``keep`` groups survive, then shrink the
-        bracket ``count(lo) > keep > count(hi)`` in ``log lam`` by interpolating the counts linearly
-        (regula falsi, the step kept within 15-85% of the bracket), bisecting instead after two
-        moves of the same end (the Illinois safeguard against one-sided convergence).
+    def run(self, keep: int, max_solves: int, slack: int = 0) -> GroupLassoResult:
+        """Divide ``lam`` from ``lambda_max`` until at least ``keep`` groups survive (by
+        ``_descent_factor``), then shrink the bracket ``count(lo) > keep > count(hi)`` in ``log lam``
+        by interpolating the counts linearly (regula falsi, the step kept within 15-85% of the
+        bracket), bisecting instead after two moves of the same end (the Illinois safeguard against
+        one-sided convergence), until ``count(lo) <= keep + slack``.
 
-        The halving stops early where the path *saturates*: a solve that no longer reaches ``tol``,
-        or a count unchanged over ``_PLATEAU`` halvings.  Statistics of fewer calibration rows than
+        The descent stops early where the path *saturates*: a solve that no longer reaches ``tol``,
+        or a count unchanged over ``_PLATEAU`` steps.  Statistics of fewer calibration rows than
         columns (large convolutions) have many exact fits; as ``lam -> 0`` the solution tends to
         the one of least group norm, whose support can be smaller than ``keep``, and the problem
         becomes too ill-conditioned to solve: smaller ``lam`` only adds noise.  ``keep`` is then
@@ -1364,18 +1387,20 @@ class _LambdaSearch:
             return self._final(self.solve(hi), hi, keep)
         if keep >= self.prob.n_groups:
             return self._final(self.solve(0.0), 0.0, keep)
-        lo, solves, lo_out, counts = hi, 0, None, []
+        lo, solves, lo_out, counts, lams = hi, 0, None, [], []
         while True:
-            out = self.solve(lo * 0.5)
+            trial = lo / _descent_factor(lams, counts, keep)
+            out = self.solve(trial)
             if lo_out is not None and self._saturated(out, counts):
                 return self._final(lo_out, lo, keep, saturated=True)
-            lo, lo_out, solves = lo * 0.5, out, solves + 1
+            lo, lo_out, solves = trial, out, solves + 1
             counts.append(self.count(out))
+            lams.append(lo)
             if counts[-1] >= keep:
                 break
             hi = lo
         hi_count, side = (counts[-2] if len(counts) > 1 else 0), None
-        while self.count(lo_out) != keep and solves < max_solves and hi / lo - 1 > 1e-12:
+        while self.count(lo_out) > keep + slack and solves < max_solves and hi / lo - 1 > 1e-12:
             lo_count = self.count(lo_out)
             t = 0.5 if side == "repeat" else min(max((lo_count - keep) / (lo_count - hi_count), 0.15), 0.85)
             mid, solves = lo * (hi / lo) ** t, solves + 1
