@@ -90,6 +90,7 @@ from pydantic import Field, StrictInt, field_validator, model_validator
 from torch import Tensor, fx, nn
 
 from fxcompress import FxCompressError, TargetedConfig, register_pass
+from fxcompress.graph.channels import ChannelAnalysis
 from fxcompress.rewrite import finish, module_of, replace_module
 from fxcompress.selector import Selector, narrowed_layer, select_inputs
 from fxcompress.solvers.group_lasso import (
@@ -206,29 +207,6 @@ def tied_operands(node: fx.Node, sizes: dict[fx.Node, tuple]) -> list[fx.Node]:
     return operands
 
 
-class _Streams:
-    """Union-find over the nodes of a graph: tensors whose dim-1 channels are the same channels."""
-
-    def __init__(self, gm: fx.GraphModule, sizes: dict[fx.Node, tuple]):
-        self.parent: dict[fx.Node, fx.Node] = {}
-        for node in gm.graph.nodes:
-            source = channelwise_input(gm, node)
-            if source is not None:
-                self.union(node, source)
-            for operand in tied_operands(node, sizes):
-                self.union(node, operand)
-
-    def find(self, node: fx.Node) -> fx.Node:
-        root = node
-        while self.parent.get(root, root) is not root:
-            root = self.parent[root]
-        self.parent[node] = root
-        return root
-
-    def union(self, a: fx.Node, b: fx.Node) -> None:
-        self.parent[self.find(a)] = self.find(b)
-
-
 @dataclass
 class Consumer:
     """A targeted layer, and how its input columns map onto the channels of the tensor it reads.
@@ -236,15 +214,15 @@ class Consumer:
     `source` is the tensor whose dim-1 channels the groups are: the layer's input, or the feature map
     before a ``flatten`` for a Linear reading ``flatten(x, 1)``; `per_channel` is the number of input
     features per source channel (``H*W`` of that map; 1 otherwise; a conv's ``k*k`` columns are
-    grouped by the statistics already).  `stream` identifies the source's class of tied tensors, or
-    None when the layer cannot share its selection (a Linear on a tensor of rank > 2).
+    grouped by the statistics already).  `stream` is the class of the channel axis it reads in the
+    channel analysis (`ChannelAnalysis.same_channels`), None when the analysis has no such axis.
     """
     name: str
     node: fx.Node
     source: fx.Node
     per_channel: int
     channels: int
-    stream: fx.Node | None
+    stream: int | None
 
     def input_indices(self, kept_channels: Tensor) -> Tensor:
         """The layer's input indices (features or channels) for the kept source channels."""
@@ -275,7 +253,7 @@ def _shapes_by_node(gm: fx.GraphModule, shapes: dict[str, tuple]) -> dict[fx.Nod
     return sizes
 
 
-def _consumer(gm: fx.GraphModule, name: str, node: fx.Node, sizes: dict, streams: _Streams) -> Consumer:
+def _consumer(gm: fx.GraphModule, name: str, node: fx.Node, sizes: dict, classes: dict) -> Consumer:
     layer = gm.get_submodule(name)
     x = node.args[0]
     if isinstance(layer, nn.Linear):
@@ -285,26 +263,26 @@ def _consumer(gm: fx.GraphModule, name: str, node: fx.Node, sizes: dict, streams
         flat = flatten_input(gm, walk)
         if flat is not None and flat in sizes and len(sizes[flat]) >= 2:
             per_channel = math.prod(sizes[flat][2:])
-            return Consumer(name, node, flat, per_channel, layer.in_features // per_channel, streams.find(flat))
-        joinable = x in sizes and len(sizes[x]) == 2
-        return Consumer(name, node, x, 1, layer.in_features, streams.find(x) if joinable else None)
-    return Consumer(name, node, x, 1, layer.in_channels, streams.find(x))
+            return Consumer(name, node, flat, per_channel, layer.in_features // per_channel,
+                            classes.get((flat.name, 1)))
+        dim = len(sizes[x]) - 1 if x in sizes else -1
+        return Consumer(name, node, x, 1, layer.in_features, classes.get((x.name, dim)))
+    return Consumer(name, node, x, 1, layer.in_channels, classes.get((x.name, 1)))
 
 
-def _reads_graph_input(gm: fx.GraphModule, consumer: Consumer, streams: _Streams) -> bool:
-    return any(n.op == "placeholder" and streams.find(n) is streams.find(consumer.source) for n in gm.graph.nodes)
-
-
-def plan_groups(gm: fx.GraphModule, names: list[str], shapes: dict[str, tuple], *, joint: bool,
-                graph_inputs: bool) -> tuple[list[SelectionGroup], dict[str, str]]:
+def plan_groups(gm: fx.GraphModule, names: list[str], shapes: dict[str, tuple], analysis: ChannelAnalysis, *,
+                joint: bool, graph_inputs: bool) -> tuple[list[SelectionGroup], dict[str, str]]:
     """The selection groups of the targeted layers `names`, in graph order, and why others are skipped.
 
-    With `joint`, consumers reading tied tensors (same `stream`) form one group; otherwise (and for
-    consumers without a stream) each layer is its own group.  Layers reading a graph input's channels
-    are skipped unless `graph_inputs`, and so are layers the graph does not call exactly once.
+    With `joint`, consumers reading the same channels (one class of the channel analysis's
+    `same_channels`: a residual stream, through its adds, BatchNorms and activations) form one group;
+    otherwise (and for consumers outside any class) each layer is its own group.  Layers reading a graph
+    input's channels are skipped unless `graph_inputs`, and so are layers the graph does not call exactly
+    once.
     """
     sizes = _shapes_by_node(gm, shapes)
-    streams = _Streams(gm, sizes)
+    classes = analysis.same_channels()
+    input_classes = {classes.get((n.name, 1)) for n in gm.graph.nodes if n.op == "placeholder"} - {None}
     calls: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -316,11 +294,11 @@ def plan_groups(gm: fx.GraphModule, names: list[str], shapes: dict[str, tuple], 
         if len(calls.get(name, [])) != 1:
             skipped[name] = f"called {len(calls.get(name, []))} times by the graph (inside a leaf module, or shared)"
             continue
-        consumer = _consumer(gm, name, calls[name][0], sizes, streams)
-        if not graph_inputs and _reads_graph_input(gm, consumer, streams):
+        consumer = _consumer(gm, name, calls[name][0], sizes, classes)
+        if not graph_inputs and consumer.stream in input_classes:
             skipped[name] = "reads the model's input (set select_graph_inputs: true to sample it)"
             continue
-        key = consumer.stream if joint and consumer.stream is not None else name
+        key = ("stream", consumer.stream) if joint and consumer.stream is not None else name
         group = groups.setdefault(key, SelectionGroup([], consumer.channels))
         group.consumers.append(consumer)
     for group in groups.values():
@@ -620,7 +598,7 @@ def select_neurons(gm, ctx, config):
     """Group-lasso reconstruction of the targeted layers on fewer inputs, behind Selectors (seed 003)."""
     names, grouped = _targets(gm, config)
     shapes = ctx.analysis("shapes", gm)
-    groups, skipped = plan_groups(gm, names, shapes, joint=config.residual == "joint",
+    groups, skipped = plan_groups(gm, names, shapes, ctx.analysis("channels", gm), joint=config.residual == "joint",
                                   graph_inputs=config.select_graph_inputs)
     _check_groups(groups, config)
     groups = _affordable(ctx, gm, groups, config)

@@ -362,3 +362,41 @@ def test_dynamic_residual_selection_selects_each_stream_reader_on_its_own(resnet
     keeps = [selectors(annotated.model)[name.replace(".", "_")].keep for name in STREAM_READERS]
     assert any(not torch.equal(k, keeps[0]) for k in keeps[1:])
     assert all(not row["joint_with"] for row in annotated.report.passes[1].layers)
+
+
+class _ReadersOfOneStream(nn.Module):
+    """Four layers read the stem's channels: a conv directly, a Linear after a permute to channels-last,
+    one after a depthwise conv, and a Linear after a LayerNorm (which mixes the channels it normalises)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 6, 1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.after_depthwise = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(8, 6)
+        self.norm = nn.LayerNorm(8)
+        self.fc_norm = nn.Linear(8, 6)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        t = x.permute(0, 2, 3, 1)
+        return (self.conv(x).mean() + self.after_depthwise(self.depthwise(x)).mean() + self.fc(t).mean()
+                + self.fc_norm(self.norm(t)).mean())
+
+
+def test_joint_groups_follow_the_channel_analysis():
+    from fxcompress.graph.channels import channel_groups
+    from fxcompress.graph.shapes import propagate_shapes
+    from fxcompress.passes.select_neurons import plan_groups
+    gm = fxcompress.trace(_ReadersOfOneStream())
+    inputs = (torch.randn(2, 3, 6, 6),)
+    shapes, analysis = propagate_shapes(gm, inputs), channel_groups(gm, inputs)
+    targets = ["conv", "after_depthwise", "fc", "fc_norm"]
+    joint, _ = plan_groups(gm, targets, shapes, analysis, joint=True, graph_inputs=False)
+    assert [g.names for g in joint] == [["conv", "after_depthwise", "fc"], ["fc_norm"]]
+    assert all(g.channels == 8 for g in joint)
+    alone, _ = plan_groups(gm, targets, shapes, analysis, joint=False, graph_inputs=False)
+    assert [g.names for g in alone] == [[name] for name in ["conv", "after_depthwise", "fc", "fc_norm"]]
+    skipped_stem, why = plan_groups(gm, ["stem", "conv"], shapes, analysis, joint=True, graph_inputs=False)
+    assert [g.names for g in skipped_stem] == [["conv"]] and "model's input" in why["stem"]

@@ -146,6 +146,21 @@ class ChannelAnalysis:
         """The group of the input channels of the Linear/Conv called by the fx node `node`."""
         return next((g for g in self.groups if any(c.node == node for c in g.consumers)), None)
 
+    def same_channels(self) -> dict[Axis, int]:
+        """A class id for every axis: axes of one class hold the same channels in the same order.
+
+        Classes follow the `same` ties only (elementwise and broadcasting ops, residual adds, BatchNorm,
+        pooling, depthwise convs, permutes): not through concatenations or splits (offsets), flattening
+        (scales), nor through a normalisation whose statistics span the channels (LayerNorm, GroupNorm),
+        across which removing a channel would change every other one.  Layers reading axes of one class
+        can share one channel selection (`select_neurons`' joint groups)."""
+        normalizers = {name for group in self.groups for name in group.normalized_by}
+        same = nx.Graph()
+        same.add_nodes_from(self.graph.nodes)
+        same.add_edges_from((a, b) for a, b, edge in self.graph.edges(data=True)
+                            if edge["kind"] == "same" and edge["op"] not in normalizers)
+        return {axis: index for index, component in enumerate(nx.connected_components(same)) for axis in component}
+
 
 def _is_shape(value) -> bool:
     return isinstance(value, tuple) and all(isinstance(d, int) for d in value)
