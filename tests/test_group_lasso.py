@@ -378,6 +378,7 @@ def test_descent_factor_follows_the_count_growth():
     assert _descent_factor([], [], 128) == 2.0
     assert _descent_factor([8.0, 4.0], [3, 3], 128) == 2.0            # flat: plain halving
     assert _descent_factor([8.0, 4.0], [3, 4], 128) == 8.0            # slow growth: the cap
+    assert _descent_factor([8.0, 1e-300], [3, 4], 10**6) == 8.0       # no overflow on a flat fit
     # count ~ lam^-1 through (4, 10), (2, 20): 40 is reached at lam 1, a factor 2 below lam 2
     assert _descent_factor([4.0, 2.0], [10, 20], 40) == pytest.approx(2.0)
     assert _descent_factor([4.0, 2.0], [10, 20], 60) == pytest.approx(3.0)

@@ -1328,7 +1328,8 @@ def _descent_factor(lams: list[float], counts: list[int], keep: int) -> float:
     if len(counts) < 2 or counts[-2] <= 0 or counts[-1] <= counts[-2]:
         return 2.0
     slope = math.log(counts[-1] / counts[-2]) / math.log(lams[-2] / lams[-1])
-    return min(max(math.exp(math.log(keep / counts[-1]) / slope), 2.0), _MAX_DESCENT)
+    log_factor = math.log(keep / counts[-1]) / slope
+    return _MAX_DESCENT if log_factor >= math.log(_MAX_DESCENT) else max(math.exp(log_factor), 2.0)
 
 
 class _LambdaSearch:
