@@ -254,3 +254,25 @@ def test_inspect_groups_prints_groups_and_frozen_ops(capsys):
     assert "group 1: 20 channels, removable" in out
     assert "5 groups, 3 removable, 2 not" in out
     assert "output (output): model output: its size must not change" in out
+
+
+def test_same_channels_classes_split_the_vit_stream_at_its_layernorms():
+    # One dependency group spans the ViT stream, LayerNorms included; a joint selection may not: the
+    # readers after each LayerNorm (the attention, mlp.0, the head) each get their own class.
+    result = analyse(tiny_vit(), (torch.randn(1, 3, 32, 32),))
+    classes = result.same_channels()
+    stream = group_making(result, "conv_proj")
+    readers = {p.module: classes[p.axis] for p in stream.consumers}
+    assert len(readers) >= 3 and len(set(readers.values())) == len(readers)
+    resnet = torchvision_groups("resnet18")
+    classes = resnet.same_channels()
+    last_stage = group_making(resnet, "layer4.1.conv2")
+    assert len({classes[p.axis] for p in last_stage.consumers}) == 1  # layer4.1.conv1 and fc (after flatten)
+
+
+def test_inspect_groups_lists_the_layers_read_as_one_stream(capsys):
+    assert main(["inspect", "--model", "torchvision:resnet18", "--input-shape", "1", "3", "64", "64", "--groups"]) == 0
+    out = capsys.readouterr().out
+    assert "read as one stream (select_neurons residual: joint): layer4.1.conv1, fc" in out
+    assert "read as one stream (select_neurons residual: joint): layer1.0.conv1, layer1.1.conv1, layer2.0.conv1, " \
+           "layer2.0.downsample.0" in out

@@ -150,15 +150,15 @@ class ChannelAnalysis:
         """A class id for every axis: axes of one class hold the same channels in the same order.
 
         Classes follow the `same` ties only (elementwise and broadcasting ops, residual adds, BatchNorm,
-        pooling, depthwise convs, permutes): not through concatenations or splits (offsets), flattening
-        (scales), nor through a normalisation whose statistics span the channels (LayerNorm, GroupNorm),
+        pooling, depthwise convs, permutes, flattening 1x1 maps): not through concatenations or splits
+        (offsets), flattening larger maps (scales), nor through a normalisation whose statistics span the channels (LayerNorm, GroupNorm),
         across which removing a channel would change every other one.  Layers reading axes of one class
         can share one channel selection (`select_neurons`' joint groups)."""
         normalizers = {name for group in self.groups for name in group.normalized_by}
         same = nx.Graph()
         same.add_nodes_from(self.graph.nodes)
-        same.add_edges_from((a, b) for a, b, edge in self.graph.edges(data=True)
-                            if edge["kind"] == "same" and edge["op"] not in normalizers)
+        same.add_edges_from((a, b) for a, b, edge in self.graph.edges(data=True) if edge["op"] not in normalizers
+                            and (edge["kind"] == "same" or (edge["kind"] == "scale" and edge["value"] == 1)))
         return {axis: index for index, component in enumerate(nx.connected_components(same)) for axis in component}
 
 
@@ -778,7 +778,8 @@ def _channels(gm: fx.GraphModule, ctx) -> ChannelAnalysis:
 
 
 def format_groups(result: ChannelAnalysis, limit: int = 6) -> str:
-    """The groups and frozen ops as text (`fxcompress inspect --groups`); `name@k`: channels from offset k."""
+    """The groups and frozen ops as text (`fxcompress inspect --groups`); `name@k`: channels from offset k.
+    Consumers reading one class of `ChannelAnalysis.same_channels` are listed as one stream."""
     def names(ports: list[Port], offsets: dict) -> str:
         def name(port: Port) -> str:
             offset = offsets.get(port.axis)
@@ -787,6 +788,7 @@ def format_groups(result: ChannelAnalysis, limit: int = 6) -> str:
         return shown + (f", ... (+{len(ports) - limit})" if len(ports) > limit else "") if ports else "-"
 
     lines = []
+    classes = result.same_channels()
     for g in result.groups:
         state = "removable" if g.removable else "frozen" if g.frozen else "no producer"
         extra = (f", blocks of {g.blocks}" if g.blocks > 1 else "") + (
@@ -795,6 +797,12 @@ def format_groups(result: ChannelAnalysis, limit: int = 6) -> str:
         offsets = {(m.tensor, m.dim): m.offset for m in g.members}
         lines.append(f"  producers: {names(g.producers, offsets)}")
         lines.append(f"  consumers: {names(g.consumers, offsets)}")
+        together: dict[int, list[Port]] = {}
+        for port in g.consumers:
+            together.setdefault(classes[port.axis], []).append(port)
+        for ports in together.values():
+            if len(ports) > 1:
+                lines.append(f"  read as one stream (select_neurons residual: joint): {names(ports, offsets)}")
         for reason in g.frozen_by[:limit]:
             lines.append(f"  frozen by {reason}")
         if len(g.frozen_by) > limit:
