@@ -552,3 +552,37 @@ def test_joint_problem_is_solved_per_block_and_reaches_the_dense_optimum(monkeyp
     assert abs(fast.objective - dense.objective) <= 1e-8 * dense.objective
     assert torch.equal(fast.support, dense.support) and torch.equal(fast_keep.support, dense_keep.support)
     torch.testing.assert_close(fast.M, dense.M, atol=1e-5 * float(dense.M.abs().max()), rtol=0)
+
+
+def test_joint_problem_rows_are_compacted_without_changing_the_solution(monkeypatch):
+    """Three consumers of one 10-channel stream with full-rank statistics (dense parts) and 20, 30 and
+    40 outputs: B (90 rows, block-diagonal) is solved on 40 compact rows; every solver, the keep
+    search and a warm start reach what the uncompacted problem gives."""
+    import fxcompress.solvers.group_lasso as gl
+    g = torch.Generator().manual_seed(8)
+    Rs, Bs, groups = [], [], []
+    for h in (20, 30, 40):
+        X = torch.cat([torch.randn(400, 20, generator=g, dtype=torch.float64), torch.ones(400, 1, dtype=torch.float64)], 1)
+        X[:, :20] += X[:, :10].repeat(1, 2)  # channel j's two columns are correlated
+        R = X.T @ X / 400
+        Rs.append(R)
+        Bs.append(torch.randn(h, 21, generator=g, dtype=torch.float64) @ R)
+        groups.append(torch.cat([torch.arange(20) % 10, torch.tensor([-1])]))
+    R, B, groups = torch.block_diag(*Rs), torch.block_diag(*Bs), torch.cat(groups)
+    prob = gl._prepare(R, B, groups, None)
+    assert prob.spread is not None and prob.B.shape[0] == 40 and all(part.F is None for part in prob.parts)
+    lam = 0.2 * lambda_max(R, B, groups)
+    compact = {solver: group_lasso(R, B, lam, groups, solver=solver, tol=1e-10) for solver in ("newton", "fista")}
+    compact_keep = search_lambda(R, B, 4, groups, tol=1e-10)
+    warm = group_lasso(R, B, lam, groups, tol=1e-10, M0=compact["newton"].M)
+    monkeypatch.setattr(gl, "_compact_rows", lambda *args: None)
+    assert gl._prepare(R, B, groups, None).B.shape[0] == 90
+    full = group_lasso(R, B, lam, groups, tol=1e-10)
+    full_keep = search_lambda(R, B, 4, groups, tol=1e-10)
+    for res in (*compact.values(), warm):
+        assert abs(res.objective - full.objective) <= 1e-7 * full.objective
+        assert torch.equal(res.support, full.support)
+        torch.testing.assert_close(res.M, full.M, atol=1e-4 * float(full.M.abs().max()), rtol=0)
+    assert warm.iterations <= 2
+    assert torch.equal(compact_keep.support, full_keep.support)
+    torch.testing.assert_close(compact_keep.M, full_keep.M, atol=1e-6 * float(full_keep.M.abs().max()), rtol=0)

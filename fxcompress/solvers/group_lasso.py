@@ -28,6 +28,12 @@ Reduction shared by every solver
 4. *Output space* (with 3): ``M`` only ever needs the directions of the column space of ``B``
    (``_output_basis``), so with ``B' = W R'`` the h outputs reduce exactly to at most ``r`` (plus
    the unpenalised columns) orthonormal combinations of them.
+5. *Compact rows*: a joint problem (``torch.block_diag`` statistics of several layers) has a
+   block-diagonal ``B``: each part's columns reach only its own rows.  Every operation of the
+   solvers is column-local or goes through ``R``, which only couples columns of one part, so the
+   rows of each part are stacked into the top rows of its columns (``_compact_rows``): ``B`` shrinks
+   from (sum of the parts' rows) x d to (the largest part's rows) x d, and the solution is spread
+   back by ``lift``.
 
 Duality gap (the stopping rule of every solver)
 -----------------------------------------------
@@ -375,6 +381,7 @@ class _Reduced:
     shape: tuple
     n_groups_total: int
     dtype: torch.dtype
+    spread: Optional["_RowSpread"] = None
 
     def restrict(self, keep: Tensor) -> "_Reduced":
         """The same problem with only the (compact) groups in the bool mask ``keep``."""
@@ -389,7 +396,7 @@ class _Reduced:
             parts=[part for part in parts if part is not None],
             base_cols=self.base_cols[colmask],
             block_bound=self.block_bound[keep], outputs=self.outputs, shape=self.shape,
-            n_groups_total=self.n_groups_total, dtype=self.dtype,
+            n_groups_total=self.n_groups_total, dtype=self.dtype, spread=self.spread,
         )
 
     @property
@@ -431,6 +438,8 @@ class _Reduced:
         M[:, self.cols] = Mp
         if self.ucols.numel():
             M[:, self.ucols] = self.Bu - Mp @ self.Z.T
+        if self.spread is not None:
+            M = self.spread(M)
         if self.outputs is not None:
             M = self.outputs @ M
         return M.to(self.dtype)
@@ -490,11 +499,15 @@ def _prepare(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor], ryy, factor: bo
     energy = _given_energy(ryy, Bu, B[:, ucols])
     if outputs is not None:
         Bp, Bu, parts = outputs.T @ Bp, outputs.T @ Bu, reduced[1]
+    compact = _compact_rows(Bp, Bu, Z, parts, pcols, ucols) if factor else None
+    spread = None
+    if compact is not None:
+        Bp, Bu, parts, spread = compact
     return _Reduced(
         base_R=Rp, B=Bp, grp=cgrp, n_groups=group_ids.numel(), group_ids=group_ids, cols=pcols,
         ucols=ucols, Z=Z, Bu=Bu, fit=_LeastSquares(Rp, Bp, energy), parts=parts,
         base_cols=torch.arange(pcols.numel(), device=R.device), block_bound=block_bound, outputs=outputs,
-        shape=tuple(Ryx.shape), n_groups_total=n_groups, dtype=Rxx.dtype,
+        shape=tuple(Ryx.shape), n_groups_total=n_groups, dtype=Rxx.dtype, spread=spread,
     )
 
 
@@ -587,6 +600,68 @@ def _output_basis(Bp: Tensor, Bu: Tensor, parts: list[_Part]) -> Optional[tuple[
         reduced.append(_Part(part.cols, None if span.numel() == k else span, part.F))
         col += block.shape[1]
     return Q, reduced
+
+
+@dataclass
+class _RowSpread:
+    """Where the compact rows of reduction 5 came from: part ``i`` owns the rows ``rows[i]`` (of a
+    ``height``-row matrix) on the columns ``cols[i]`` of the caller's ``d``."""
+    rows: list[Tensor]
+    cols: list[Tensor]
+    penalised: list[Tensor]
+    height: int
+
+    def __call__(self, M: Tensor) -> Tensor:
+        """The compact (rows x d) ``M`` with each part's rows put back in place."""
+        full = torch.zeros(self.height, M.shape[1], dtype=M.dtype, device=M.device)
+        for rows, cols in zip(self.rows, self.cols):
+            full[rows[:, None], cols] = M[: rows.numel()][:, cols]
+        return full
+
+    def compact(self, Mp: Tensor) -> Tensor:
+        """The inverse on the penalised columns: a (height x d') matrix in compact rows."""
+        out = torch.zeros(max(rows.numel() for rows in self.rows), Mp.shape[1], dtype=Mp.dtype, device=Mp.device)
+        for rows, cols in zip(self.rows, self.penalised):
+            out[: rows.numel(), cols] = Mp[rows[:, None], cols]
+        return out
+
+
+def _compact_rows(Bp: Tensor, Bu: Tensor, Z: Tensor, parts: list[_Part], pcols: Tensor, ucols: Tensor):
+    """Reduction 5: ``(B', B_u, parts, spread)`` with each part's rows stacked at the top of its
+    columns, when the parts reach disjoint rows, each unpenalised column belongs to one part (its
+    rows of ``B_u`` and its columns of ``Z``), and the rows shrink at least by half; else None."""
+    h = Bp.shape[0]
+    if len(parts) < 2 or any(part.rows is None for part in parts):
+        return None
+    height = max(part.rows.numel() for part in parts)
+    if 2 * height > h:
+        return None
+    owner = torch.full((h,), -1, dtype=torch.long, device=Bp.device)
+    col_owner = torch.full((Bp.shape[1],), -1, dtype=torch.long, device=Bp.device)
+    for index, part in enumerate(parts):
+        if bool((owner[part.rows] >= 0).any()):
+            return None
+        owner[part.rows], col_owner[part.cols] = index, index
+    u_owner = []
+    for j in range(Bu.shape[1]):
+        found = torch.unique(torch.cat([owner[torch.nonzero(Bu[:, j]).flatten()],
+                                        col_owner[torch.nonzero(Z[j]).flatten()]]))
+        if found.numel() > 1 or bool((found < 0).any()):
+            return None
+        u_owner.append(int(found) if found.numel() else 0)
+    u_owner = torch.tensor(u_owner, dtype=torch.long, device=Bp.device)
+    Bc = torch.zeros(height, Bp.shape[1], dtype=Bp.dtype, device=Bp.device)
+    Buc = torch.zeros(height, Bu.shape[1], dtype=Bu.dtype, device=Bu.device)
+    compact, spread_rows, spread_cols = [], [], []
+    for index, part in enumerate(parts):
+        n = part.rows.numel()
+        own_u = torch.nonzero(u_owner == index).flatten()
+        Bc[:n, part.cols] = Bp[part.rows][:, part.cols]
+        Buc[:n, own_u] = Bu[part.rows][:, own_u]
+        compact.append(_Part(part.cols, None if n == height else torch.arange(n, device=Bp.device), part.F))
+        spread_rows.append(part.rows)
+        spread_cols.append(torch.cat([pcols[part.cols], ucols[own_u]]))
+    return Bc, Buc, compact, _RowSpread(spread_rows, spread_cols, [part.cols for part in parts], h)
 
 
 def _given_energy(ryy, Bu: Tensor, Bu_raw: Tensor) -> Optional[float]:
@@ -1131,7 +1206,8 @@ def _reduce_start(prob: _Reduced, M0: Optional[Tensor]) -> Optional[Tensor]:
     if not isinstance(M0, Tensor) or tuple(M0.shape) != (h, d):
         raise ValueError(f"M0 must be a tensor of shape (h, d) = {(h, d)}")
     Mp0 = M0.to(device=prob.B.device, dtype=_F64)[:, prob.cols]
-    return Mp0 if prob.outputs is None else prob.outputs.T @ Mp0
+    Mp0 = Mp0 if prob.outputs is None else prob.outputs.T @ Mp0
+    return Mp0 if prob.spread is None else prob.spread.compact(Mp0)
 
 
 def _run(prob: _Reduced, lam: float, solver: str, Mp0, tol, max_iter, q, warm_start, warm_iter, progress,
