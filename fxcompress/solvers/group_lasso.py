@@ -797,9 +797,10 @@ class _PartPoint:
             Qu, Ru = torch.linalg.qr(self.s[:, None] * part.F[self.local])
             P, sigma, self._Zt = torch.linalg.svd(Ru, full_matrices=True)
             self._sigma2 = sigma.square()
-            self._QuP = Qu @ P
-            self._c = self._QuP.T @ rhs
-            self._b = rhs - self._QuP @ self._c
+            self._Qu, self._P = Qu, P                        # Q_u P is never formed: O(p r^2) saved
+            projected = Qu.T @ rhs
+            self._c = P.T @ projected
+            self._b = rhs - Qu @ projected
             self.quad = float((self._c.square() / (self._sigma2[:, None] + lam)).sum()) + \
                 float(self._b.square().sum()) / lam
         else:
@@ -817,7 +818,7 @@ class _PartPoint:
     def M(self) -> Tensor:
         """``M`` on the part's rows and support columns."""
         if self.part.F is not None:
-            solved = self._QuP @ (self._c / (self._sigma2[:, None] + self.lam)) + self._b / self.lam
+            solved = self._Qu @ (self._P @ (self._c / (self._sigma2[:, None] + self.lam))) + self._b / self.lam
         else:
             solved = torch.linalg.solve_triangular(self.L.T, self._X, upper=True)
         return solved.T * self.s
