@@ -125,6 +125,7 @@ _DEAD = 1e-13  # a column whose (residualised) variance is below _DEAD * max var
 _ROUNDING = 1e-13  # relative changes of psi below this are rounding noise
 _SEARCH_NEWTON_ITER = 30  # Newton converges in ~5-15 iterations; a solve of the search past 30 has saturated
 _PLATEAU = 6  # halvings of lam with an unchanged support size that end the search for a lower bracket
+_DENSE_LAM = 1e-8  # a low-rank part's Newton point goes dense only with lam >= _DENSE_LAM * max diag(S R S)
 _MAX_DESCENT = 8.0  # the largest factor by which the search for a lower bracket divides lam in one step
 
 
@@ -785,6 +786,11 @@ class _PartPoint:
     (``Q`` acts as ``Q_u P diag(sigma^2 + lam) P^T Q_u^T`` on the range of ``U`` and as ``lam I`` on
     its complement): O(p r h), the share of ``psi`` a sum of non-negative terms, and no factorisation
     that rounding can make indefinite however small ``lam`` is.
+
+    A low-rank part still takes the dense route where it is cheaper and safe: a support of
+    ``p <= 3r`` columns (the QR and the r x r SVD then cost more than a p x p Cholesky) and ``lam``
+    at least ``_DENSE_LAM`` of the largest diagonal entry of ``S R S`` (``Q``'s condition number at
+    most 1e8), falling back to the low-rank route if the Cholesky fails.
     """
 
     def __init__(self, prob: _Reduced, part: _Part, eta: Tensor, lam: float):
@@ -793,7 +799,11 @@ class _PartPoint:
         self.pcols = part.cols[self.local]
         self.s = eta[prob.grp[self.pcols]].sqrt()
         rhs = (self._B(self.pcols) * self.s).T
-        if part.F is not None:
+        self.L = self._dense_factor() if part.F is None or self.pcols.numel() <= 3 * part.F.shape[1] else None
+        if self.L is not None:
+            self._X = torch.linalg.solve_triangular(self.L, rhs, upper=False)
+            self.quad = float(self._X.square().sum())
+        else:
             Qu, Ru = torch.linalg.qr(self.s[:, None] * part.F[self.local])
             P, sigma, self._Zt = torch.linalg.svd(Ru, full_matrices=True)
             self._sigma2 = sigma.square()
@@ -803,12 +813,24 @@ class _PartPoint:
             self._b = rhs - Qu @ projected
             self.quad = float((self._c.square() / (self._sigma2[:, None] + lam)).sum()) + \
                 float(self._b.square().sum()) / lam
-        else:
-            Q = self.s[:, None] * _block(prob.R, self.pcols, self.pcols) * self.s[None, :]
-            Q.diagonal().add_(lam)
-            self.L = _cholesky(Q)
-            self._X = torch.linalg.solve_triangular(self.L, rhs, upper=False)
-            self.quad = float(self._X.square().sum())
+
+    def _dense_factor(self) -> Optional[Tensor]:
+        """The Cholesky factor of ``Q``; for a low-rank part None where ``lam`` is too small for it or
+        it fails (see the class docstring)."""
+        Q = self.s[:, None] * self._R(self.pcols, self.pcols) * self.s[None, :]
+        if self.part.F is None:
+            Q.diagonal().add_(self.lam)
+            return _cholesky(Q)
+        if Q.numel() == 0 or self.lam < _DENSE_LAM * float(Q.diagonal().max()):
+            return None
+        Q.diagonal().add_(self.lam)
+        L, info = torch.linalg.cholesky_ex(Q)
+        return L if int(info) == 0 else None
+
+    def _R(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """``R'`` on columns of this problem, read from the unrestricted ``base_R``."""
+        base = self.prob.base_cols
+        return _block(self.prob.base_R, base[rows], base[cols])
 
     def _B(self, cols: Tensor) -> Tensor:
         rows = self.part.rows
@@ -817,7 +839,7 @@ class _PartPoint:
     @functools.cached_property
     def M(self) -> Tensor:
         """``M`` on the part's rows and support columns."""
-        if self.part.F is not None:
+        if self.L is None:
             solved = self._Qu @ (self._P @ (self._c / (self._sigma2[:, None] + self.lam))) + self._b / self.lam
         else:
             solved = torch.linalg.solve_triangular(self.L.T, self._X, upper=True)
@@ -827,21 +849,20 @@ class _PartPoint:
         """The gradient ``M R - B`` on the part's rows and columns."""
         if self.part.F is not None:
             return (self.M @ self.part.F[self.local]) @ self.part.F.T - self._B(self.part.cols)
-        return self.M @ _block(self.prob.R, self.pcols, self.part.cols) - self._B(self.part.cols)
+        return self.M @ self._R(self.pcols, self.part.cols) - self._B(self.part.cols)
 
     def curvature(self, free_cols: Tensor, free_local: Tensor) -> Tensor:
         """``R - R S Q^{-1} S R`` on free columns of the part.  Low rank: by the push-through identity
         ``U^T Q^{-1} U = I - lam (U^T U + lam I)^{-1}``, it is ``F Z diag(w) Z^T F^T`` with
         ``w = lam / (sigma^2 + lam)`` (1 beyond the rank of ``U``): positive semidefinite by
         construction."""
-        if self.part.F is not None:
+        if self.L is None:
             w = torch.ones(self._Zt.shape[0], dtype=_F64, device=self._Zt.device)
             w[: self._sigma2.numel()] = self.lam / (self._sigma2 + self.lam)
             V = (self.part.F[free_local] @ self._Zt.T) * w.sqrt()
             return V @ V.T
-        R = self.prob.R
-        Y = torch.linalg.solve_triangular(self.L, self.s[:, None] * _block(R, self.pcols, free_cols), upper=False)
-        return _block(R, free_cols, free_cols) - Y.T @ Y
+        Y = torch.linalg.solve_triangular(self.L, self.s[:, None] * self._R(self.pcols, free_cols), upper=False)
+        return self._R(free_cols, free_cols) - Y.T @ Y
 
 
 class _EtaPoint:
