@@ -500,11 +500,17 @@ def _few_sample_conv_problem(n=20, channels=30, per_channel=4, h=40, seed=0):
     return R, W @ R, groups
 
 
+@pytest.mark.parametrize("route", ["factor", "dense where safe"])
 @pytest.mark.parametrize("fraction", [0.3, 0.05])
-def test_low_rank_newton_reaches_the_dense_and_fista_optimum(fraction, monkeypatch):
+def test_low_rank_newton_reaches_the_dense_and_fista_optimum(fraction, route, monkeypatch):
     """With rank Rxx < d/2 Newton works on the factor R = F F^T and on the k <= rank output
-    directions of B (reductions 3-4); it reaches the optimum of dense Newton and of FISTA."""
+    directions of B (reductions 3-4); it reaches the optimum of dense Newton and of FISTA, whether its
+    points go through the factor (QR + SVD) or, where lam allows, through a Cholesky of S R S + lam I."""
     import fxcompress.solvers.group_lasso as gl
+    if route == "factor":
+        monkeypatch.setattr(gl, "_DENSE_LAM", math.inf)
+    else:
+        monkeypatch.setattr(gl, "_DENSE_WIDTH", 10**9)
     R, B, groups = _few_sample_conv_problem()
     prob = gl._prepare(R, B, groups, None)
     assert len(prob.parts) == 1 and prob.parts[0].F is not None and prob.parts[0].F.shape[1] <= 20

@@ -126,6 +126,7 @@ _ROUNDING = 1e-13  # relative changes of psi below this are rounding noise
 _SEARCH_NEWTON_ITER = 30  # Newton converges in ~5-15 iterations; a solve of the search past 30 has saturated
 _PLATEAU = 6  # halvings of lam with an unchanged support size that end the search for a lower bracket
 _DENSE_LAM = 1e-8  # a low-rank part's Newton point goes dense only with lam >= _DENSE_LAM * max diag(S R S)
+_DENSE_WIDTH = 3  # ... and a support of at most _DENSE_WIDTH * rank columns
 _MAX_DESCENT = 8.0  # the largest factor by which the search for a lower bracket divides lam in one step
 
 
@@ -799,7 +800,7 @@ class _PartPoint:
         self.pcols = part.cols[self.local]
         self.s = eta[prob.grp[self.pcols]].sqrt()
         rhs = (self._B(self.pcols) * self.s).T
-        self.L = self._dense_factor() if part.F is None or self.pcols.numel() <= 3 * part.F.shape[1] else None
+        self.L = self._dense_factor() if part.F is None or self.pcols.numel() <= _DENSE_WIDTH * part.F.shape[1] else None
         if self.L is not None:
             self._X = torch.linalg.solve_triangular(self.L, rhs, upper=False)
             self.quad = float(self._X.square().sum())
