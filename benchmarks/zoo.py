@@ -237,7 +237,8 @@ def _run_isolated(name: str, tool: str, timeout: float, samples: int) -> ZooReco
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         error = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return ZooRecord(name, input_size(name), **{tool: ToolRecord("failed", f"process died: {error[:300]}")})
+        return ZooRecord(name, input_size(name), **{tool: ToolRecord(
+            "failed", f"process died (exit status {done.returncode}): {error[:300]}")})
     return record_from_dict(json.loads(lines[-1]))
 
 
