@@ -556,6 +556,17 @@ def _parts(R: Tensor, B: Tensor) -> list[_Part]:
     return parts
 
 
+def _row_owner(rows: list[Tensor], h: int, device) -> Optional[Tensor]:
+    """For each of ``h`` rows, the index of the part (its entry of ``rows``) reaching it, -1 for none;
+    None if two parts reach the same row."""
+    owner = torch.full((h,), -1, dtype=torch.long, device=device)
+    for index, part_rows in enumerate(rows):
+        if bool((owner[part_rows] >= 0).any()):
+            return None
+        owner[part_rows] = index
+    return owner
+
+
 def _output_basis(Bp: Tensor, Bu: Tensor, parts: list[_Part]) -> Optional[tuple[Tensor, list[_Part]]]:
     """Reduction 4: an orthonormal ``Q`` (h x k) whose columns span those of ``[B', B_u]``, with
     k below h/2, when every part is low rank and the parts reach disjoint rows of ``B``, and the parts
@@ -572,11 +583,9 @@ def _output_basis(Bp: Tensor, Bu: Tensor, parts: list[_Part]) -> Optional[tuple[
     if h < 16 or any(part.F is None for part in parts):
         return None
     rows = [part.row_index(Bp) for part in parts]
-    owner = torch.full((h,), -1, dtype=torch.long, device=Bp.device)
-    for index, part_rows in enumerate(rows):
-        if bool((owner[part_rows] >= 0).any()):
-            return None
-        owner[part_rows] = index
+    owner = _row_owner(rows, h, Bp.device)
+    if owner is None:
+        return None
     u_owner = [torch.unique(owner[torch.nonzero(Bu[:, j]).flatten()]) for j in range(Bu.shape[1])]
     if any(o.numel() > 1 or bool((o < 0).any()) for o in u_owner):
         return None
@@ -638,12 +647,12 @@ def _compact_rows(Bp: Tensor, Bu: Tensor, Z: Tensor, parts: list[_Part], pcols: 
     height = max(part.rows.numel() for part in parts)
     if 2 * height > h:
         return None
-    owner = torch.full((h,), -1, dtype=torch.long, device=Bp.device)
+    owner = _row_owner([part.rows for part in parts], h, Bp.device)
+    if owner is None:
+        return None
     col_owner = torch.full((Bp.shape[1],), -1, dtype=torch.long, device=Bp.device)
     for index, part in enumerate(parts):
-        if bool((owner[part.rows] >= 0).any()):
-            return None
-        owner[part.rows], col_owner[part.cols] = index, index
+        col_owner[part.cols] = index
     u_owner = []
     for j in range(Bu.shape[1]):
         found = torch.unique(torch.cat([owner[torch.nonzero(Bu[:, j]).flatten()],
