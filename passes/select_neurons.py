@@ -420,7 +420,7 @@ def _solve(blocks: list[_Block], config: SelectNeuronsConfig, channels: int) -> 
     Rxx = torch.block_diag(*[b.Rxx for b in blocks])
     Ryx = torch.block_diag(*[b.Ryx * b.scale for b in blocks])
     groups = torch.cat([b.groups for b in blocks])
-    options = {"solver": config.solver, "tol": config.tol}
+    options = {"solver": config.solver, "tol": config.tol, "ryy": sum(b.energy * b.scale ** 2 for b in blocks)}
     floor = min(config.min_keep, channels)
     if config.keep is not None:
         result = search_lambda(Rxx, Ryx, _keep_count(config, channels), groups, **options)

@@ -592,3 +592,20 @@ def test_joint_problem_rows_are_compacted_without_changing_the_solution(monkeypa
     assert warm.iterations <= 2
     assert torch.equal(compact_keep.support, full_keep.support)
     torch.testing.assert_close(compact_keep.M, full_keep.M, atol=1e-6 * float(full_keep.M.abs().max()), rtol=0)
+
+
+def test_search_lambda_with_the_data_energy_matches_the_consistent_one(monkeypatch):
+    # select_neurons passes ryy = E||y||^2, which for y = W x equals the least-squares energy the solver
+    # otherwise computes (an eigendecomposition of R on singular statistics): same lam, support and M; and
+    # the search's first solve starts at eta = 0 without forming the least-squares fit at all.
+    import fxcompress.solvers.group_lasso as gl
+    R, B, groups = _low_rank_joint_problem(seed=3)
+    W = torch.linalg.lstsq(R, B.T).solution.T
+    ryy = float((W @ R * W).sum())
+    without = search_lambda(R, B, 6, groups)
+    fits = []
+    monkeypatch.setattr(gl._LeastSquares, "W", property(lambda self: fits.append(1) or gl._psd_solve(self._R, self._B.T).T))
+    given = search_lambda(R, B, 6, groups, ryy=ryy)
+    assert fits == [] and not given.tie_broken
+    assert torch.equal(given.support, without.support) and math.isclose(given.lam, without.lam, rel_tol=1e-9)
+    torch.testing.assert_close(given.M, without.M, atol=1e-9, rtol=1e-7)

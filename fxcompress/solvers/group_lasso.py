@@ -423,7 +423,7 @@ class _Reduced:
 
     def group_sq(self, X: Tensor) -> Tensor:
         """Squared Frobenius norms of the groups of a (h x d') matrix."""
-        return _segment_sum(torch.linalg.vector_norm(X, dim=0).square(), self.grp, self.n_groups)
+        return _segment_sum(X.square().sum(0), self.grp, self.n_groups)
 
     def gradient(self, Mp: Tensor) -> Tensor:
         if all(part.F is not None for part in self.parts):
@@ -524,6 +524,10 @@ class _Part:
     rows: Optional[Tensor]
     F: Optional[Tensor]
 
+    def __post_init__(self):
+        self.col_span = _span(self.cols)
+        self.row_span = slice(None) if self.rows is None else _span(self.rows)
+
     def row_index(self, B: Tensor) -> Tensor:
         return torch.arange(B.shape[0], device=B.device) if self.rows is None else self.rows
 
@@ -533,6 +537,23 @@ class _Part:
         if not bool(kept.any()):
             return None
         return _Part(remap[self.cols[kept]], self.rows, None if self.F is None else self.F[kept])
+
+
+def _span(index: Tensor) -> slice | Tensor:
+    """``index`` as a slice when it is a contiguous increasing range (a part's columns always are), else itself:
+    slicing reads and writes views where an index tensor gathers and scatters."""
+    n = index.numel()
+    if n and int(index[-1]) - int(index[0]) == n - 1 and (n < 2 or bool((index[1:] > index[:-1]).all())):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
+
+
+def _put(X: Tensor, rows: slice | Tensor, cols: slice | Tensor, value: Tensor) -> None:
+    """``X[rows][:, cols] = value`` in place, for rows and columns given as slices or index tensors."""
+    if isinstance(rows, Tensor) and isinstance(cols, Tensor):
+        X[rows[:, None], cols] = value
+    else:
+        X[rows, cols] = value
 
 
 _MAX_PARTS = 32  # finer diagonal blocks are merged: per-part work has a Python cost
@@ -842,9 +863,9 @@ class _PartPoint:
         base = self.prob.base_cols
         return _block(self.prob.base_R, base[rows], base[cols])
 
-    def _B(self, cols: Tensor) -> Tensor:
-        rows = self.part.rows
-        return self.prob.B[:, cols] if rows is None else self.prob.B[rows[:, None], cols]
+    def _B(self, cols: Tensor | slice) -> Tensor:
+        B = self.prob.B[self.part.row_span]
+        return B[:, cols] if isinstance(cols, slice) else B.index_select(1, cols)
 
     @functools.cached_property
     def M(self) -> Tensor:
@@ -858,8 +879,8 @@ class _PartPoint:
     def grad(self) -> Tensor:
         """The gradient ``M R - B`` on the part's rows and columns."""
         if self.part.F is not None:
-            return (self.M @ self.part.F[self.local]) @ self.part.F.T - self._B(self.part.cols)
-        return self.M @ self._R(self.pcols, self.part.cols) - self._B(self.part.cols)
+            return (self.M @ self.part.F[self.local]) @ self.part.F.T - self._B(self.part.col_span)
+        return self.M @ self._R(self.pcols, self.part.cols) - self._B(self.part.col_span)
 
     def curvature(self, free_cols: Tensor, free_local: Tensor) -> Tensor:
         """``R - R S Q^{-1} S R`` on free columns of the part.  Low rank: by the push-through identity
@@ -889,7 +910,7 @@ class _EtaPoint:
     def Mp(self) -> Tensor:
         Mp = torch.zeros_like(self.prob.B)
         for point in self.points:
-            Mp[point.part.row_index(self.prob.B)[:, None], point.pcols] = point.M
+            _put(Mp, point.part.row_span, point.pcols, point.M)
         return Mp
 
     @property
@@ -897,7 +918,7 @@ class _EtaPoint:
         if self._grad is None:
             G = torch.zeros_like(self.prob.B)
             for point in self.points:
-                G[point.part.row_index(self.prob.B)[:, None], point.part.cols] = point.grad()
+                _put(G, point.part.row_span, point.part.col_span, point.grad())
             self._grad = G
         return self._grad
 
@@ -1452,8 +1473,8 @@ class _LambdaSearch:
         """Solve at ``lam``; on the full problem, warm-start from the previous solution."""
         full = prob is None
         prob = self.prob if full else prob
-        if full and self.last is not None:
-            Mp0 = self._widen(self.last)
+        if full:  # the first solve, just below lambda_max, keeps few groups: Newton starts at eta = 0
+            Mp0 = self._widen(self.last) if self.last is not None else torch.zeros_like(prob.B)
         max_iter = self.kw["max_iter"]
         if max_iter is None and self.solver == "newton":
             max_iter = _SEARCH_NEWTON_ITER
