@@ -358,6 +358,16 @@ def _sensitivity_ranks(ctx) -> dict[str, int]:
     return ranks
 
 
+def _singular_values(matrix: Tensor) -> Tensor:
+    """The singular values of ``matrix`` as square roots of the eigenvalues of its smaller Gram matrix, in
+    float64: the energy rule only sums their squares (absolute error ``min(m, n) eps ||matrix||_2^2`` on each),
+    and ``eigvalsh`` of ``X X^T`` is 2-4x faster than ``svdvals`` of a wide ``X`` (vgg's 4096 x 25088 classifier:
+    22 s against 50 s on one thread)."""
+    x = matrix.detach().double()
+    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
+    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+
+
 def _rank(ctx, policy: RankPolicy, name: str, matrices: list[Tensor], ranks: dict[str, int] | None) -> int | None:
     """The rank the policy gives ``name`` (None: leave it dense); not for the tolerance rule."""
     m, n = matrices[0].shape
@@ -366,7 +376,7 @@ def _rank(ctx, policy: RankPolicy, name: str, matrices: list[Tensor], ranks: dic
     if policy.rule == "ratio":
         return rank_for_ratio(m, n, policy.ratio)
     if policy.rule == "energy":
-        return max(rank_for_energy(torch.linalg.svdvals(x), policy.energy) for x in matrices)
+        return max(rank_for_energy(_singular_values(x), policy.energy) for x in matrices)
     rank = ranks.get(name)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n)):
         raise RecipeError(f"the sensitivity pass chose rank {rank!r} for layer '{name}', whose {m}x{n} weight "

@@ -383,3 +383,19 @@ def test_cnn_lowrank_energy_recipe_runs_end_to_end_and_exports(tmp_path):
     assert result.report.metrics["accuracy_after"] >= result.report.metrics["accuracy_before"] - 0.05
     assert accuracy(result.model, test) == pytest.approx(result.report.metrics["accuracy_after"], abs=1e-4)
     assert (tmp_path / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("shape", [(40, 300), (300, 40), (64, 64)])
+def test_energy_rank_from_the_gram_spectrum_matches_svdvals(shape):
+    from fxcompress.passes.low_rank import _singular_values
+    from fxcompress.solvers.randomized_svd import rank_for_energy
+    g = torch.Generator().manual_seed(1)
+    m, n = shape
+    decay = torch.logspace(0, -3, min(m, n), dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(m, min(m, n), generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, min(m, n), generator=g, dtype=torch.float64))[0]
+    x = ((U * decay) @ V.T).float()
+    reference = torch.linalg.svdvals(x.double())
+    torch.testing.assert_close(_singular_values(x).sort(descending=True).values, reference, atol=1e-6, rtol=0)
+    for energy in (0.5, 0.9, 0.99):
+        assert rank_for_energy(_singular_values(x), energy) == rank_for_energy(reference, energy)
