@@ -413,12 +413,27 @@ def _keep_count(config: SelectNeuronsConfig, channels: int) -> int:
     return min(max(count, config.min_keep), channels)
 
 
+def _row_basis(block: _Block) -> tuple[Tensor | None, Tensor]:
+    """The block's scaled target ``B = s Ryx`` (h x d) as ``(Q, Q^T B)`` with ``Q`` (h x d) orthonormal when it has
+    more rows than columns (the expansion convs of inverted residuals: h = 6 C), else ``(None, B)``.  Exact: the
+    objective only reads ``M`` through ``tr(M R M^T) - 2 tr(M B^T)`` and group norms, and with ``M = Q M~`` both
+    are those of ``M~`` on ``Q^T B`` (the solver's output-space reduction, done per block before the joint
+    statistics are formed, so that they take sum(d) instead of sum(h) rows)."""
+    B = block.Ryx * block.scale
+    if B.shape[0] <= B.shape[1]:
+        return None, B
+    Q, T = torch.linalg.qr(B)
+    return Q, T
+
+
 def _solve(blocks: list[_Block], config: SelectNeuronsConfig, channels: int) -> _Solution:
     """One group lasso over all blocks: block-diagonal statistics, channel j's columns of every block
-    forming group j, each block's target scaled to unit energy."""
+    forming group j, each block's target scaled to unit energy.  The debiasing refit on the support
+    decouples over the blocks, so it runs per block once the joint statistics are freed."""
     start = time.perf_counter()
+    bases, targets = zip(*[_row_basis(b) for b in blocks])
     Rxx = torch.block_diag(*[b.Rxx for b in blocks])
-    Ryx = torch.block_diag(*[b.Ryx * b.scale for b in blocks])
+    Ryx = torch.block_diag(*targets)
     groups = torch.cat([b.groups for b in blocks])
     options = {"solver": config.solver, "tol": config.tol, "ryy": sum(b.energy * b.scale ** 2 for b in blocks)}
     floor = min(config.min_keep, channels)
@@ -428,21 +443,24 @@ def _solve(blocks: list[_Block], config: SelectNeuronsConfig, channels: int) -> 
         result = group_lasso(Rxx, Ryx, config.lam * lambda_max(Rxx, Ryx, groups), groups, **options)
         if int(result.support.sum()) < floor:
             result = search_lambda(Rxx, Ryx, floor, groups, **options)
-    M = debias(Rxx, Ryx, support_columns(result.support, groups)) if config.debias else result.M
-    return _Solution(result.support, _split(M, blocks), result.lam, result.lam_max, time.perf_counter() - start)
-
-
-def _split(M: Tensor, blocks: list[_Block]) -> list[Tensor]:
-    """Each block's M, unscaled, with zero rows for the outputs it does not reconstruct."""
-    out, row, col = [], 0, 0
-    for b in blocks:
-        h, d = b.Ryx.shape
-        part = M[row:row + h, col:col + d] / b.scale
-        full = torch.zeros(b.stats.sum_yx.shape, dtype=part.dtype)
-        full[b.rows if b.rows is not None else slice(None)] = part
-        out.append(full)
+    del Rxx, Ryx
+    weights, row, col = [], 0, 0
+    for b, Q, B in zip(blocks, bases, targets):
+        h, d = B.shape
+        if config.debias:
+            M = debias(b.Rxx, B, support_columns(result.support, b.groups))
+        else:
+            M = result.M[row:row + h, col:col + d]
+        weights.append(_unscaled(M if Q is None else Q @ M, b))
         row, col = row + h, col + d
-    return out
+    return _Solution(result.support, weights, result.lam, result.lam_max, time.perf_counter() - start)
+
+
+def _unscaled(M: Tensor, b: _Block) -> Tensor:
+    """The block's M, unscaled, with zero rows for the outputs it does not reconstruct."""
+    full = torch.zeros(b.stats.sum_yx.shape, dtype=M.dtype)
+    full[b.rows if b.rows is not None else slice(None)] = M / b.scale
+    return full
 
 
 def _relative_error(b: _Block, M: Tensor) -> float:

@@ -400,3 +400,28 @@ def test_joint_groups_follow_the_channel_analysis():
     assert [g.names for g in alone] == [[name] for name in ["conv", "after_depthwise", "fc", "fc_norm"]]
     skipped_stem, why = plan_groups(gm, ["stem", "conv"], shapes, analysis, joint=True, graph_inputs=False)
     assert [g.names for g in skipped_stem] == [["conv"]] and "model's input" in why["stem"]
+
+
+def test_expansion_targets_are_solved_on_their_row_basis_without_changing_the_solution():
+    # A consumer with more outputs than input columns (an inverted residual's expansion conv) enters the joint
+    # problem as Q^T B (d rows instead of h): the same support and lam, and Q M~ is the full problem's M.
+    from fxcompress.passes.select_neurons import _row_basis
+    from fxcompress.solvers.group_lasso import search_lambda
+    g = torch.Generator().manual_seed(4)
+    X = torch.cat([torch.randn(200, 12, generator=g, dtype=torch.float64), torch.ones(200, 1, dtype=torch.float64)], 1)
+    W = torch.randn(40, 13, generator=g, dtype=torch.float64)
+    R = X.T @ X / 200
+    groups = torch.cat([torch.arange(12), torch.tensor([-1])])
+
+    class Block:
+        Rxx, Ryx, scale = R, W @ R, 0.5
+
+    Q, T = _row_basis(Block)
+    assert Q.shape == (40, 13) and T.shape == (13, 13)
+    full = search_lambda(R, 0.5 * W @ R, 5, groups)
+    reduced = search_lambda(R, T, 5, groups)
+    assert torch.equal(full.support, reduced.support)
+    assert abs(full.lam - reduced.lam) <= 1e-9 * full.lam
+    torch.testing.assert_close(Q @ reduced.M, full.M, atol=1e-8, rtol=1e-6)
+    wide = type("Wide", (), {"Ryx": torch.randn(5, 13, dtype=torch.float64), "scale": 1.0})
+    assert _row_basis(wide)[0] is None

@@ -478,7 +478,7 @@ def _prepare(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor], ryy, factor: bo
     R, B = _statistics(Rxx, Ryx)
     d = R.shape[0]
     grp, n_groups = _column_groups(groups, d, R.device)
-    diag = R.diagonal()
+    diag = R.diagonal().clone()  # not a view: R is freed once its reduced block is taken
     scale = float(diag.max()) if d else 0.0
     alive = diag > _DEAD * scale
     ucols = torch.nonzero(alive & (grp < 0)).flatten()
@@ -486,16 +486,19 @@ def _prepare(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor], ryy, factor: bo
     Ruu, Rup = _block(R, ucols, ucols), _block(R, ucols, pcols)
     Z = _psd_solve(Ruu, Rup)                                      # R_uu^+ R_up
     Bu = _psd_solve(Ruu, B[:, ucols].T).T                         # B_u R_uu^+
-    keep = R.diagonal()[pcols] - (Rup * Z).sum(0) > _DEAD * scale  # the diagonal of R_pp - R_pu Z
+    keep = diag[pcols] - (Rup * Z).sum(0) > _DEAD * scale  # the diagonal of R_pp - R_pu Z
     pcols, Rup, Z = pcols[keep], Rup[:, keep], Z[:, keep]
     Rp = _block(R, pcols, pcols)                                  # the d^2 work: one gather and,
-    if ucols.numel():                                             # with unpenalised columns, one
-        Rp.addmm_(Rup.T, Z, alpha=-1.0)                           # update and one symmetrisation
+    del R                                                         # with unpenalised columns, one
+    if ucols.numel():                                             # update and one symmetrisation
+        Rp.addmm_(Rup.T, Z, alpha=-1.0)
         Rp = torch.add(Rp, Rp.mT).mul_(0.5)
-    Bp = B[:, pcols] - Bu @ Rup
+    Bp = B[:, pcols]
+    if ucols.numel():
+        Bp.addmm_(Bu, Rup, alpha=-1.0)
     group_ids, cgrp = torch.unique(grp[pcols], return_inverse=True)
     block_bound = _segment_sum(Rp.diagonal(), cgrp, group_ids.numel())
-    parts = _parts(Rp, Bp) if factor else [_Part(torch.arange(Rp.shape[0], device=R.device), None, None)]
+    parts = _parts(Rp, Bp) if factor else [_Part(torch.arange(Rp.shape[0], device=Rp.device), None, None)]
     reduced = _output_basis(Bp, Bu, parts) if factor else None
     outputs = None if reduced is None else reduced[0]
     energy = _given_energy(ryy, Bu, B[:, ucols])
@@ -508,7 +511,7 @@ def _prepare(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor], ryy, factor: bo
     return _Reduced(
         base_R=Rp, B=Bp, grp=cgrp, n_groups=group_ids.numel(), group_ids=group_ids, cols=pcols,
         ucols=ucols, Z=Z, Bu=Bu, fit=_LeastSquares(Rp, Bp, energy), parts=parts,
-        base_cols=torch.arange(pcols.numel(), device=R.device), block_bound=block_bound, outputs=outputs,
+        base_cols=torch.arange(pcols.numel(), device=Rp.device), block_bound=block_bound, outputs=outputs,
         shape=tuple(Ryx.shape), n_groups_total=n_groups, dtype=Rxx.dtype, spread=spread,
     )
 
