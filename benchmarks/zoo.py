@@ -20,6 +20,7 @@ every model to ``benchmarks/results/zoo.json`` and ``zoo.md``.
     python benchmarks/zoo.py --models ci          # the CI subset of tests/test_zoo.py
     python benchmarks/zoo.py --models resnet18 vgg11 --timeout 600 --no-torch-pruning
     python benchmarks/zoo.py --models vgg13 vgg16 --merge   # add/replace these rows in the existing table
+    python benchmarks/zoo.py --models vgg13 --merge --no-torch-pruning   # re-run fxcompress only, keep the rest
 """
 from __future__ import annotations
 
@@ -359,6 +360,8 @@ def main(argv=None) -> int:
     records = previous_records(args.out) if args.merge else {}
     for name in _selected(args.models):
         record = compare(name, args.timeout, not args.no_torch_pruning, args.samples)
+        if args.no_torch_pruning and name in records:  # --merge --no-torch-pruning re-runs the fxcompress rows only
+            record.torch_pruning = records[name].torch_pruning
         records[name] = record
         print(f"{name}: fxcompress {_status(record.fxcompress)} ({_cell(record.fxcompress.seconds)} s), "
               f"torch-pruning {_status(record.torch_pruning)}", flush=True)

@@ -128,6 +128,7 @@ _PLATEAU = 6  # halvings of lam with an unchanged support size that end the sear
 _DENSE_LAM = 1e-8  # a low-rank part's Newton point goes dense only with lam >= _DENSE_LAM * max diag(S R S)
 _DENSE_WIDTH = 3  # ... and a support of at most _DENSE_WIDTH * rank columns
 _MAX_DESCENT = 8.0  # the largest factor by which the search for a lower bracket divides lam in one step
+_SCREEN_FRACTION = 0.1  # Newton drops screened groups once they are a tenth of its groups (each drop rebuilds its point)
 
 
 @dataclass
@@ -1031,7 +1032,7 @@ def _solve_newton(prob, lam, Mp0, tol, max_iter, report, **_) -> _Outcome:
         if best.converged or it >= max_iter or out_of_time:
             break
         dropped = _screen(point.prob, cert, lam)
-        if bool(dropped.any()):
+        if bool(dropped.any()) and int(dropped.sum()) >= _SCREEN_FRACTION * dropped.numel():
             point = _EtaPoint(point.prob.restrict(~dropped), point.eta[~dropped], lam)
         try:
             point = _newton_step(point, lam)
