@@ -128,6 +128,7 @@ _PLATEAU = 6  # halvings of lam with an unchanged support size that end the sear
 _DENSE_LAM = 1e-8  # a low-rank part's Newton point goes dense only with lam >= _DENSE_LAM * max diag(S R S)
 _DENSE_WIDTH = 3  # ... and a support of at most _DENSE_WIDTH * rank columns
 _MAX_DESCENT = 8.0  # the largest factor by which the search for a lower bracket divides lam in one step
+_FALSI_CLAMP = 0.02  # regula falsi steps stay within [2%, 98%] of the bracket (Illinois bisects after two one-sided moves)
 _SCREEN_FRACTION = 0.1  # Newton drops screened groups once they are a tenth of its groups (each drop rebuilds its point)
 
 
@@ -1506,7 +1507,7 @@ class _LambdaSearch:
     def run(self, keep: int, max_solves: int, slack: int = 0) -> GroupLassoResult:
         """Divide ``lam`` from ``lambda_max`` until at least ``keep`` groups survive (by
         ``_descent_factor``), then shrink the bracket ``count(lo) > keep > count(hi)`` in ``log lam``
-        by interpolating the counts linearly (regula falsi, the step kept within 15-85% of the
+        by interpolating the counts linearly (regula falsi, the step kept within 2-98% of the
         bracket), bisecting instead after two moves of the same end (the Illinois safeguard against
         one-sided convergence), until ``count(lo) <= keep + slack``.
 
@@ -1536,7 +1537,7 @@ class _LambdaSearch:
         hi_count, side = (counts[-2] if len(counts) > 1 else 0), None
         while self.count(lo_out) > keep + slack and solves < max_solves and hi / lo - 1 > 1e-12:
             lo_count = self.count(lo_out)
-            t = 0.5 if side == "repeat" else min(max((lo_count - keep) / (lo_count - hi_count), 0.15), 0.85)
+            t = 0.5 if side == "repeat" else min(max((lo_count - keep) / (lo_count - hi_count), _FALSI_CLAMP), 1 - _FALSI_CLAMP)
             mid, solves = lo * (hi / lo) ** t, solves + 1
             out = self.solve(mid)
             moved = "lo" if self.count(out) >= keep else "hi"
