@@ -937,7 +937,7 @@ class _EtaPoint:
             cols, grp = free_cols[inside], free_grp[inside]
             if cols.numel() == 0:
                 continue
-            Gf = self.grad[point.part.row_index(self.prob.B)[:, None], cols]
+            Gf = self.grad[point.part.row_span][:, cols]
             A = point.curvature(cols, position[cols])
             A.mul_(Gf.T @ Gf).div_(self.lam**2)
             rows = torch.zeros(n_free, A.shape[1], dtype=A.dtype, device=A.device).index_add_(0, grp, A)
@@ -1033,7 +1033,8 @@ def _solve_newton(prob, lam, Mp0, tol, max_iter, report, **_) -> _Outcome:
         if best.converged or it >= max_iter or out_of_time:
             break
         dropped = _screen(point.prob, cert, lam)
-        if bool(dropped.any()) and int(dropped.sum()) >= _SCREEN_FRACTION * dropped.numel():
+        n_dropped = int(dropped.sum())
+        if n_dropped and n_dropped >= _SCREEN_FRACTION * dropped.numel():
             point = _EtaPoint(point.prob.restrict(~dropped), point.eta[~dropped], lam)
         try:
             point = _newton_step(point, lam)
