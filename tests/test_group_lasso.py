@@ -528,6 +528,52 @@ def test_low_rank_newton_reaches_the_dense_and_fista_optimum(fraction, route, mo
     torch.testing.assert_close(fast.M, dense.M, atol=1e-5 * float(dense.M.abs().max()), rtol=0)
 
 
+def _rank_deficient_problem(d, rank, h, seed):
+    """Statistics of n = 400 samples of rank ``rank`` (full rank when 0) in groups of two columns."""
+    g = torch.Generator().manual_seed(seed)
+    if rank:
+        X = torch.randn(400, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, d, generator=g, dtype=torch.float64)
+    else:
+        X = torch.randn(400, d, generator=g, dtype=torch.float64)
+    Y = X @ torch.randn(h, d, generator=g, dtype=torch.float64).T + 0.1 * torch.randn(400, h, generator=g, dtype=torch.float64)
+    return X.T @ X / 400, Y.T @ X / 400, torch.arange(d) // 2
+
+
+@pytest.mark.parametrize("shape, alive, route", [
+    ((24, 0, 30), 0.6, (False, True)),    # dense R: Cholesky of S R S + lam I
+    ((60, 6, 40), 0.9, (True, False)),    # R = F F^T, support p > 3r: QR + SVD of S F
+    ((60, 12, 40), 0.5, (True, True)),    # R = F F^T, support p <= 3r: Cholesky of F^T S^2 F + lam I
+])
+def test_newton_hessian_is_the_derivative_of_the_gradient_in_eta(shape, alive, route):
+    """The Hessian of ``psi(eta)`` that Newton assembles from lower triangles (dsyrk) matches central
+    differences of ``dpsi = lam/2 (1 - ||G_g||^2 / lam^2)`` on every curvature route."""
+    import fxcompress.solvers.group_lasso as gl
+    R, B, groups = _rank_deficient_problem(*shape, seed=shape[1])
+    prob = gl._prepare(R, B, groups, None)
+    lam = 0.05 * prob.lambda_max
+    g = torch.Generator().manual_seed(5)
+    eta = torch.rand(prob.n_groups, generator=g, dtype=torch.float64) + 0.1
+    eta[torch.rand(prob.n_groups, generator=g) > alive] = 0
+    point = gl._EtaPoint(prob, eta, lam)
+    assert [(p.part.F is not None, p.L is not None) for p in point.points] == [route]
+    if route == (True, True):
+        assert point.points[0].part.F.shape[1] < point.points[0].pcols.numel()
+
+    def dpsi(eta):
+        return 0.5 * lam * (1.0 - prob.group_sq(gl._EtaPoint(prob, eta, lam).grad) / lam**2)
+
+    free = eta > 0
+    free_cols = torch.nonzero(free[prob.grp]).flatten()
+    free_grp = (torch.cumsum(free.long(), 0) - 1)[prob.grp[free_cols]]
+    H = point.hessian(free_cols, free_grp, int(free.sum()))
+    idx = torch.nonzero(free).flatten()
+    step = 1e-6
+    central = torch.stack([(dpsi(eta + step * e) - dpsi(eta - step * e))[idx] / (2 * step)
+                           for e in torch.eye(eta.numel(), dtype=torch.float64)[idx]], 1)
+    assert torch.equal(H, H.T)
+    assert float((H - central).abs().max()) <= 1e-6 * float(central.abs().max())
+
+
 def test_search_completes_keep_where_the_path_saturates():
     """With 12 rows and 3 columns per channel the path's support stops growing long before 25 of 40
     channels: the search stops there (no solves at rounding-level lam) and completes the support by

@@ -103,7 +103,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from scipy.linalg import lapack
+from scipy.linalg import blas, lapack
 from torch import Tensor
 
 __all__ = [
@@ -284,6 +284,16 @@ def _psd_solve(A: Tensor, rhs: Tensor) -> Tensor:
         inv = torch.where(w > cutoff, 1.0 / w.clamp_min(cutoff), torch.zeros_like(w))
         out.append(V @ (inv[:, None] * (V.T @ rhs[b])))
     return torch.cat(out)
+
+
+def _gram_lower(X: Tensor) -> Tensor:
+    """The lower triangle of ``X^T X``, zero above the diagonal, C-contiguous.  On the CPU in float64
+    a BLAS ``syrk`` computes only that triangle (half the flops of the product)."""
+    if X.device.type != "cpu" or X.dtype != _F64 or X.numel() == 0:
+        return (X.T @ X).tril_()
+    a = X.numpy()
+    upper = blas.dsyrk(1.0, a.T, trans=0) if a.T.flags.f_contiguous else blas.dsyrk(1.0, a, trans=1)
+    return torch.from_numpy(upper).T
 
 
 def _pivoted_factor(A: Tensor) -> Optional[Tensor]:
@@ -888,17 +898,26 @@ class _PartPoint:
         return self.M @ self._R(self.pcols, self.part.cols) - self._B(self.part.col_span)
 
     def curvature(self, free_cols: Tensor, free_local: Tensor) -> Tensor:
-        """``R - R S Q^{-1} S R`` on free columns of the part.  Low rank: by the push-through identity
-        ``U^T Q^{-1} U = I - lam (U^T U + lam I)^{-1}``, it is ``F Z diag(w) Z^T F^T`` with
-        ``w = lam / (sigma^2 + lam)`` (1 beyond the rank of ``U``): positive semidefinite by
-        construction."""
+        """The lower triangle of ``R - R S Q^{-1} S R`` on free columns of the part (its strict upper
+        triangle is left unspecified).  Low rank, ``R = F F^T``: by the push-through identity
+        ``U^T Q^{-1} U = I - lam (U^T U + lam I)^{-1}`` with ``U = S F``, it is
+        ``lam F (U^T U + lam I)^{-1} F^T``, positive semidefinite by construction; on the low-rank
+        route ``F Z diag(w) Z^T F^T`` with ``w = lam / (sigma^2 + lam)`` (1 beyond the rank of ``U``),
+        on the dense route from the Cholesky factor of the r x r ``U^T U + lam I`` where the rank is
+        below the support (O(p r^2 + f^2 r) instead of O(p^2 f + f^2 p) for f free columns)."""
+        F = self.part.F
         if self.L is None:
             w = torch.ones(self._Zt.shape[0], dtype=_F64, device=self._Zt.device)
             w[: self._sigma2.numel()] = self.lam / (self._sigma2 + self.lam)
-            V = (self.part.F[free_local] @ self._Zt.T) * w.sqrt()
-            return V @ V.T
+            return _gram_lower((F[free_local] @ self._Zt.T).T * w.sqrt()[:, None])
+        if F is not None and F.shape[1] < self.pcols.numel():
+            K = _gram_lower(self.s[:, None] * F[self.local])
+            K.diagonal().add_(self.lam)
+            Lk, info = torch.linalg.cholesky_ex(K)
+            if int(info) == 0:
+                return _gram_lower(torch.linalg.solve_triangular(Lk, F[free_local].T, upper=False)).mul_(self.lam)
         Y = torch.linalg.solve_triangular(self.L, self.s[:, None] * self._R(self.pcols, free_cols), upper=False)
-        return self._R(free_cols, free_cols) - Y.T @ Y
+        return self._R(free_cols, free_cols) - _gram_lower(Y)
 
 
 class _EtaPoint:
@@ -928,7 +947,9 @@ class _EtaPoint:
         return self._grad
 
     def hessian(self, free_cols: Tensor, free_grp: Tensor, n_free: int) -> Tensor:
-        """``H = sum over parts of E^T [(G^T G) o (R - R S Q^{-1} S R)] E / lam^2`` on the free groups."""
+        """``H = sum over parts of E^T [(G^T G) o (R - R S Q^{-1} S R)] E / lam^2`` on the free groups,
+        from the lower triangles of the two symmetric factors: with ``T`` the lower triangle of the
+        elementwise product, ``E^T T E + (E^T T E)^T`` counts the diagonal of ``T`` twice, so half of it is taken out first."""
         position = torch.full((self.prob.B.shape[1],), -1, dtype=torch.long, device=free_cols.device)
         H = torch.zeros(n_free, n_free, dtype=_F64, device=free_cols.device)
         for point in self.points:
@@ -938,11 +959,11 @@ class _EtaPoint:
             if cols.numel() == 0:
                 continue
             Gf = self.grad[point.part.row_span][:, cols]
-            A = point.curvature(cols, position[cols])
-            A.mul_(Gf.T @ Gf).div_(self.lam**2)
+            A = point.curvature(cols, position[cols]).mul_(_gram_lower(Gf))
             rows = torch.zeros(n_free, A.shape[1], dtype=A.dtype, device=A.device).index_add_(0, grp, A)
             H.index_add_(1, grp, rows)
-        return H
+            H.diagonal().sub_(_segment_sum(A.diagonal(), grp, n_free), alpha=0.5)
+        return (H + H.T).div_(self.lam**2)
 
 
 def _entry_limit(eta: Tensor, dpsi: Tensor) -> Tensor:
