@@ -260,6 +260,30 @@ def test_float32_inputs_and_progress_callback():
     assert seen[-1]["rel_gap"] <= 1e-6 and seen[-1]["iteration"] == res64.iterations
 
 
+@pytest.mark.parametrize("threads, small_below, expected", [(1, 0, 1), (2, 0, 2), (2, 10**6, 1)])
+def test_scipy_blas_runs_on_torchs_thread_count(threads, small_below, expected, monkeypatch):
+    """Inside the solvers scipy's BLAS and torch use torch.get_num_threads() threads (not every core), and one
+    thread on problems below SINGLE_THREAD_BELOW columns."""
+    import fxcompress.solvers.group_lasso as gl
+    from threadpoolctl import threadpool_info
+    monkeypatch.setattr(gl, "SINGLE_THREAD_BELOW", small_below)
+    X, Y = samples(seed=6)
+    R, B, _ = gram(X, Y)
+    previous = torch.get_num_threads()
+    seen = []
+
+    def record(_):
+        seen.append({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} |
+                    {torch.get_num_threads()})
+    torch.set_num_threads(threads)
+    try:
+        search_lambda(R, B, 5, progress=record)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(previous)
+    assert seen and all(counts == {expected} for counts in seen)
+
+
 def test_warm_start_m0_converges_faster():
     X, Y = samples(seed=7, d=30)
     R, B, _ = gram(X, Y)

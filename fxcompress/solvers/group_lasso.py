@@ -104,6 +104,7 @@ from typing import Callable, Optional
 
 import torch
 from scipy.linalg import blas, lapack
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 __all__ = [
@@ -1316,30 +1317,34 @@ def _result(out: _Outcome, lam: float, lam_max: float, tie_broken: bool = False)
 
 
 SINGLE_THREAD_BELOW = 1024
-"""CPU problems with fewer columns than this run on one intra-op thread (see `_single_threaded_when_small`)."""
+"""CPU problems with fewer columns than this run on one intra-op thread (see `_solver_threads`)."""
 
 
-def _single_threaded_when_small(fn):
-    """Run `fn` with one intra-op thread when ``Rxx`` is a CPU matrix with fewer than `SINGLE_THREAD_BELOW` columns.
+def _solver_threads(fn):
+    """Run `fn` with scipy's BLAS/LAPACK (``dsyrk``, ``dpstrf``) on as many threads as torch's intra-op pool, and
+    both on one thread when ``Rxx`` is a CPU matrix with fewer than `SINGLE_THREAD_BELOW` columns.
 
-    The factorisations of such problems take about a millisecond, so thread synchronisation costs as much as it
-    saves, and while other processes keep the machine's cores busy multi-threaded BLAS on small matrices spins:
-    a 301-column Newton solve measured 3.3 s with two threads against 0.04 s with one.
+    scipy's bundled OpenBLAS otherwise takes every core whatever the caller set for torch, and oversubscribes the
+    machine when solves run side by side.  The factorisations of small problems take about a millisecond, so
+    thread synchronisation costs as much as it saves, and while other processes keep the machine's cores busy
+    multi-threaded BLAS on small matrices spins: a 301-column Newton solve measured 3.3 s with two threads against
+    0.04 s with one.
     """
     @functools.wraps(fn)
     def wrapper(Rxx, *args, **kwargs):
         threads = torch.get_num_threads()
-        if Rxx.device.type != "cpu" or Rxx.shape[-1] >= SINGLE_THREAD_BELOW or threads == 1:
-            return fn(Rxx, *args, **kwargs)
-        torch.set_num_threads(1)
+        small = Rxx.device.type == "cpu" and Rxx.shape[-1] < SINGLE_THREAD_BELOW
+        inner = 1 if small else threads
+        torch.set_num_threads(inner)
         try:
-            return fn(Rxx, *args, **kwargs)
+            with threadpool_limits(limits=inner, user_api="blas"):
+                return fn(Rxx, *args, **kwargs)
         finally:
             torch.set_num_threads(threads)
     return wrapper
 
 
-@_single_threaded_when_small
+@_solver_threads
 def group_lasso(
     Rxx: Tensor,
     Ryx: Tensor,
@@ -1404,7 +1409,7 @@ def lambda_max(Rxx: Tensor, Ryx: Tensor, groups: Optional[Tensor] = None) -> flo
     return _prepare(Rxx, Ryx, groups, None, factor=False).lambda_max
 
 
-@_single_threaded_when_small
+@_solver_threads
 def debias(Rxx: Tensor, Ryx: Tensor, keep_columns: Tensor) -> Tensor:
     """Least-squares refit on a support (seed 003 §2.4 "Tackling Lasso bias", seed 000 In[30]).
 
@@ -1433,7 +1438,7 @@ def debias(Rxx: Tensor, Ryx: Tensor, keep_columns: Tensor) -> Tensor:
 # lambda search
 
 
-@_single_threaded_when_small
+@_solver_threads
 def search_lambda(
     Rxx: Tensor,
     Ryx: Tensor,
