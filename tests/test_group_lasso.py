@@ -21,10 +21,13 @@ from fxcompress.solvers.group_lasso import (
 SOLVERS = ["newton", "bcd", "fista", "pgd", "altmin"]
 
 
-def samples(n=300, d=24, h=10, seed=0, bias=False, noise=0.3, shared=0.5):
-    """Raw samples: correlated inputs (a shared factor), Y = X W^T + noise."""
+def samples(n=300, d=24, h=10, seed=0, bias=False, noise=0.3, shared=0.5, rank=None):
+    """Raw samples: correlated inputs (a shared factor; of rank ``rank`` if given), Y = X W^T + noise."""
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if rank is None:
+        X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    else:
+        X = torch.randn(n, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, d, generator=g, dtype=torch.float64)
     X = X + shared * torch.randn(n, 1, generator=g, dtype=torch.float64)
     if bias:
         X = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1)
@@ -552,28 +555,18 @@ def test_low_rank_newton_reaches_the_dense_and_fista_optimum(fraction, route, mo
     torch.testing.assert_close(fast.M, dense.M, atol=1e-5 * float(dense.M.abs().max()), rtol=0)
 
 
-def _rank_deficient_problem(d, rank, h, seed):
-    """Statistics of n = 400 samples of rank ``rank`` (full rank when 0) in groups of two columns."""
-    g = torch.Generator().manual_seed(seed)
-    if rank:
-        X = torch.randn(400, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, d, generator=g, dtype=torch.float64)
-    else:
-        X = torch.randn(400, d, generator=g, dtype=torch.float64)
-    Y = X @ torch.randn(h, d, generator=g, dtype=torch.float64).T + 0.1 * torch.randn(400, h, generator=g, dtype=torch.float64)
-    return X.T @ X / 400, Y.T @ X / 400, torch.arange(d) // 2
-
-
 @pytest.mark.parametrize("shape, alive, route", [
-    ((24, 0, 30), 0.6, (False, True)),    # dense R: Cholesky of S R S + lam I
-    ((60, 6, 40), 0.9, (True, False)),    # R = F F^T, support p > 3r: QR + SVD of S F
-    ((60, 12, 40), 0.5, (True, True)),    # R = F F^T, support p <= 3r: Cholesky of F^T S^2 F + lam I
+    ((24, None, 30), 0.6, (False, True)),  # dense R: Cholesky of S R S + lam I
+    ((60, 6, 40), 0.9, (True, False)),     # R = F F^T, support p > 3r: QR + SVD of S F
+    ((60, 12, 40), 0.5, (True, True)),     # R = F F^T, support p <= 3r: Cholesky of F^T S^2 F + lam I
 ])
 def test_newton_hessian_is_the_derivative_of_the_gradient_in_eta(shape, alive, route):
     """The Hessian of ``psi(eta)`` that Newton assembles from lower triangles (dsyrk) matches central
     differences of ``dpsi = lam/2 (1 - ||G_g||^2 / lam^2)`` on every curvature route."""
     import fxcompress.solvers.group_lasso as gl
-    R, B, groups = _rank_deficient_problem(*shape, seed=shape[1])
-    prob = gl._prepare(R, B, groups, None)
+    d, rank, h = shape
+    R, B, _ = gram(*samples(n=400, d=d, h=h, seed=d + h, noise=0.1, shared=0.0, rank=rank))
+    prob = gl._prepare(R, B, torch.arange(d) // 2, None)
     lam = 0.05 * prob.lambda_max
     g = torch.Generator().manual_seed(5)
     eta = torch.rand(prob.n_groups, generator=g, dtype=torch.float64) + 0.1

@@ -950,7 +950,8 @@ class _EtaPoint:
     def hessian(self, free_cols: Tensor, free_grp: Tensor, n_free: int) -> Tensor:
         """``H = sum over parts of E^T [(G^T G) o (R - R S Q^{-1} S R)] E / lam^2`` on the free groups,
         from the lower triangles of the two symmetric factors: with ``T`` the lower triangle of the
-        elementwise product, ``E^T T E + (E^T T E)^T`` counts the diagonal of ``T`` twice, so half of it is taken out first."""
+        elementwise product, ``E^T T E + (E^T T E)^T`` counts the diagonal of ``T`` twice, so half of
+        it is taken out first."""
         position = torch.full((self.prob.B.shape[1],), -1, dtype=torch.long, device=free_cols.device)
         H = torch.zeros(n_free, n_free, dtype=_F64, device=free_cols.device)
         for point in self.points:
