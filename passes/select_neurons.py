@@ -22,7 +22,7 @@ Configuration (``SelectNeuronsConfig``)::
         keep: 0.5                   # ratio in (0, 1] of each layer's inputs, or an integer count ...
         # lam: 0.05                 # ... XOR a penalty, relative to each layer's lambda_max (0..1)
         solver: auto                # auto | newton | bcd | fista | pgd | altmin
-        tol: 1.0e-6                 # relative duality gap of every solve
+        tol: 1.0e-4                 # relative duality gap of every solve (tighter with debias: false)
         debias: true                # least-squares refit on the kept inputs (seed 003 §2.4)
         chaining: parallel          # parallel | top_down | bottom_up (seed 003 §2.7)
         residual: joint             # joint | dynamic
@@ -36,6 +36,12 @@ by bisection on ``lam`` (``search_lambda``).  ``lam`` solves once per layer at
 everything (least squares: ``W`` itself when ``R_xx`` is full rank), 1 removes everything.  Either
 way at least ``min_keep`` inputs survive (a solve that keeps fewer is redone with exactly
 ``min_keep``).
+
+``tol`` defaults to 1e-4: the selection reads only which inputs survive, and with ``debias`` their
+weights are refit by least squares, so solving each group lasso to a relative gap of 1e-6 buys
+nothing.  On the zoo's statistics (vgg11, resnet101 and convnext_small layers of 385 to 4609 columns)
+1e-4 keeps the same inputs as 1e-6 and takes 1.2-2x less time.  Weights taken straight from the
+solver (``debias: false``) are as accurate as the solve: tighten ``tol`` there.
 
 Chaining (seed 003 §2.7; ``Z_k`` the input of layer k in the original network, ``A_k`` in the
 compressed one, ``C_k`` the selector chosen for layer k):
@@ -128,7 +134,10 @@ class SelectNeuronsConfig(TargetedConfig):
                                                             "with keep)")
     solver: Literal[SOLVERS] = Field("auto", description="group-lasso solver: auto | newton | bcd | fista | pgd "
                                                          "| altmin")
-    tol: float = Field(1e-6, gt=0, lt=1, description="relative duality gap at which a solve stops")
+    tol: float = Field(1e-4, gt=0, lt=1, description="relative duality gap at which a solve stops; the "
+                                                     "selection reads only the support of the solution "
+                                                     "(debias refits the weights): use 1e-6 or below for "
+                                                     "weights straight from the solver (debias: false)")
     debias: bool = Field(True, description="least-squares refit on the kept inputs (seed 003 §2.4)")
     chaining: Literal["parallel", "top_down", "bottom_up"] = Field(
         "parallel", description="where X and Y come from when several layers are selected (seed 003 §2.7)")

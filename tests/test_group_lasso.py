@@ -8,6 +8,7 @@ import torch
 
 from fxcompress.solvers.group_lasso import (
     _descent_factor,
+    _stalled,
     GroupLassoResult,
     debias,
     group_lasso,
@@ -409,6 +410,27 @@ def test_descent_factor_follows_the_count_growth():
     # count ~ lam^-1 through (4, 10), (2, 20): 40 is reached at lam 1, a factor 2 below lam 2
     assert _descent_factor([4.0, 2.0], [10, 20], 40) == pytest.approx(2.0)
     assert _descent_factor([4.0, 2.0], [10, 20], 60) == pytest.approx(3.0)
+
+
+def test_stall_is_a_count_near_keep_that_one_largest_descent_is_predicted_not_to_complete():
+    assert not _stalled([8.0], [100], 128)                             # one solve: no growth rate yet
+    assert not _stalled([8.0, 1.0], [3, 6], 128)                       # slow, but far from keep (near lambda_max)
+    assert _stalled([2.28, 1.0], [117, 119], 128)                      # 128 predicted ~35x lower
+    assert not _stalled([2.6, 1.0], [116, 121], 128)                   # 128 predicted 3.6x lower
+    assert _stalled([2.0, 1.0], [90, 90], 128)                         # no growth over the last step
+    # count ~ lam^-0.152 through (2, 90), (1, 100): 128 a factor 5 lower, 190 a factor 68 lower (past 8)
+    assert not _stalled([2.0, 1.0], [90, 100], 128) and _stalled([2.0, 1.0], [90, 100], 190)
+
+
+def test_search_stops_descending_once_the_count_stalls():
+    """16 rows, 9 columns per channel: the support grows 13, 19, 23, 25 towards 32 and stalls.  The
+    search tie-breaks there instead of descending to the plateau (7 more solves, each adding at most
+    one channel)."""
+    R, B, groups = _few_sample_conv_problem(n=16, channels=64, per_channel=9, h=32, seed=1)
+    calls = []
+    res = search_lambda(R, B, 32, groups, progress=lambda info: calls.append(info["iteration"]))
+    assert int(res.support.sum()) == 32 and res.tie_broken
+    assert calls.count(0) <= 5
 
 
 def test_search_lambda_breaks_ties_by_norm():
