@@ -415,6 +415,7 @@ def test_descent_factor_follows_the_count_growth():
 def test_stall_is_a_count_near_keep_that_one_largest_descent_is_predicted_not_to_complete():
     assert not _stalled([8.0], [100], 128)                             # one solve: no growth rate yet
     assert not _stalled([8.0, 1.0], [3, 6], 128)                       # slow, but far from keep (near lambda_max)
+    assert not _stalled([2.0, 1.0], [0, 100], 128)                     # up from nothing
     assert _stalled([2.28, 1.0], [117, 119], 128)                      # 128 predicted ~35x lower
     assert not _stalled([2.6, 1.0], [116, 121], 128)                   # 128 predicted 3.6x lower
     assert _stalled([2.0, 1.0], [90, 90], 128)                         # no growth over the last step

@@ -1510,8 +1510,8 @@ def _stalled(lams: list[float], counts: list[int], keep: int) -> bool:
     resnet101's 3x3 convolutions on 256 calibration rows reach 117, then 119 of 128 a factor 2.3
     lower, which puts 128 a factor 35 lower; the solves below gained 3 more groups at most, and
     any 128 channels there fit the calibration rows exactly.  Near ``lambda_max`` counts grow slowly
-    too (3, then 6 eight times lower), hence the ``keep / 2``."""
-    if len(counts) < 2 or 2 * counts[-1] < keep:
+    too (3, then 6 eight times lower), hence the ``keep / 2``; a count up from 0 has not stalled."""
+    if len(counts) < 2 or 2 * counts[-1] < keep or counts[-2] <= 0:
         return False
     return _log_power_law_factor(lams, counts, keep) > math.log(_MAX_DESCENT)
 
@@ -1562,11 +1562,11 @@ class _LambdaSearch:
         one-sided convergence), until ``count(lo) <= keep + slack``.
 
         The descent stops early where the path *saturates*: a solve that no longer reaches ``tol``,
-        a count unchanged over ``_PLATEAU`` steps, or one that has stalled (``_stalled``).  Statistics of fewer calibration rows than
-        columns (large convolutions) have many exact fits; as ``lam -> 0`` the solution tends to
-        the one of least group norm, whose support can be smaller than ``keep``, and the problem
-        becomes too ill-conditioned to solve: smaller ``lam`` only adds noise.  ``keep`` is then
-        completed by the tie-break."""
+        a count unchanged over ``_PLATEAU`` steps, or one that has stalled (``_stalled``).
+        Statistics of fewer calibration rows than columns (large convolutions) have many exact
+        fits; as ``lam -> 0`` the solution tends to the one of least group norm, whose support can
+        be smaller than ``keep``, and the problem becomes too ill-conditioned to solve: smaller
+        ``lam`` only adds noise.  ``keep`` is then completed by the tie-break."""
         hi = self.prob.lambda_max
         if keep == 0:
             return self._final(self.solve(hi), hi, keep)
